@@ -1,0 +1,279 @@
+"""The engine loop: schedule -> allocate_kv -> propose -> forward -> verify -> update, all through hooks."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+import torch
+
+from tokenmill.engine.batch import build_batch
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.outputs import RequestOutput, StreamChunk
+from tokenmill.engine.runner import ModelRunner
+from tokenmill.engine.stats import EngineStats
+from tokenmill.errors import RequestError
+from tokenmill.hooktypes import ScheduleInput, SchedulerLimits, StepStats, VerifyInput
+from tokenmill.params import SamplingParams
+from tokenmill.sequence import Sequence, SeqStatus
+
+
+class EngineKV:
+    """The :class:`tokenmill.hooktypes.KVHandle` the engine gives schedulers: routes to the KV hooks."""
+
+    def __init__(self, hook, block_size: int) -> None:
+        self.hook = hook
+        self.block_size = block_size
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        result = self.hook.allocate_kv(seq=seq, num_new_tokens=num_new_tokens)
+        assert result is not None, "no plugin answered allocate_kv"
+        if result is False:
+            return False
+        seq.block_table = result.block_table
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        self.hook.free_kv(seq=seq)
+        seq.block_table = []
+
+    def num_free_tokens(self) -> int:
+        stats = self.hook.kv_stats()
+        return stats["free_blocks"] * stats["block_size"]
+
+
+class Engine:
+    """Owns request state and runs steps. Not thread-safe: one thread drives it (the service has a loop)."""
+
+    def __init__(self, pm, runner: ModelRunner, tokenizer, limits: SchedulerLimits, *, eos_token_ids: set[int],
+                 seed: int = 0) -> None:
+        self.pm = pm
+        self.hook = pm.hook
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_token_ids = eos_token_ids
+        self.kv = EngineKV(self.hook, runner.pool.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self.vocab_size = runner.config.vocab_size
+        self.stats = EngineStats(limits.max_num_batched_tokens)
+        self.step_count = 0
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Queue a request. Invalid input raises :class:`RequestError` and leaves the engine untouched."""
+        params = params or SamplingParams()
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token of text")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > self.limits.max_model_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the pipeline's "
+                f"max_model_len of {self.limits.max_model_len}; shorten the prompt or lower max_tokens")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id '{rid}' is already in use")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
+                                                                            generator=self._seed_rng))
+        seq = Sequence(seq_id=next(self._ids), request_id=rid, prompt_token_ids=ids, params=params,
+                       arrival_time=time.perf_counter(), generator=torch.Generator().manual_seed(seed))
+        seq.detok = IncrementalDetokenizer(self.tokenizer)
+        self.requests[rid] = seq
+        self.waiting.append(seq)
+        self.stats.on_arrival()
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV; False if it is unknown or already finished."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        seq = self.requests.pop(request_id)
+        assert seq.is_finished
+        return RequestOutput.from_seq(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----------------------------------------------------------------- the step
+    def step(self) -> list[StreamChunk]:
+        """Run one engine step; return the new output of every request that produced some or finished."""
+        t0 = time.perf_counter()
+        chunks: dict[str, StreamChunk] = {}
+        plan = self.hook.schedule(state=ScheduleInput(tuple(self.waiting), tuple(self.running), self.limits,
+                                                      self.kv, t0))
+        for seq, reason in plan.rejected:
+            self._finish(seq, "error", error=reason, chunks=chunks)
+        for seq in plan.preempted:
+            self._preempt(seq)
+        if not plan.scheduled:
+            if self.waiting and not self.running:
+                head = self.waiting[0]
+                self._finish(head, "error", chunks=chunks, error=(
+                    f"request needs {head.num_tokens + head.params.max_tokens - head.num_output_tokens} KV "
+                    "slots but the KV cache cannot hold it even when empty; enlarge the KV pool"))
+            return list(chunks.values())
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.status is SeqStatus.WAITING:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+                seq.status = SeqStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = t0
+
+        producing = [s for s in plan.scheduled if s.num_new_tokens == s.seq.num_uncomputed_tokens]
+        drafts = self._propose([s.seq for s in producing])
+        draft_of = {s.seq.seq_id: d for s, d in zip(producing, drafts)}
+        items = []
+        for s in plan.scheduled:
+            seq = s.seq
+            d = draft_of.get(seq.seq_id)
+            c = seq.num_computed_tokens
+            new = seq.token_ids[c:c + s.num_new_tokens] + (d or [])
+            items.append((new, c, seq.block_table, 0 if d is None else 1 + len(d)))
+        t_fwd = time.perf_counter()
+        try:
+            batch = build_batch(items, self.runner.pool.block_size, window=self.runner.window,
+                                device=self.runner.device)
+            logits = self.runner.forward(batch)
+            verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing])
+            row = 0
+            for d in verify.drafts:
+                verify.row_start.append(row)
+                row += 1 + len(d)
+            accepted = self.hook.verify_tokens(batch=verify) if producing else []
+            assert accepted is not None or not producing, "no plugin answered verify_tokens"
+        except Exception as exc:  # a failing step fails its requests, never the engine
+            for s in plan.scheduled:
+                self._finish(s.seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+            return list(chunks.values())
+        forward_s = time.perf_counter() - t_fwd
+
+        generated = 0
+        accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
+        for s in plan.scheduled:
+            seq = s.seq
+            if seq.is_finished:
+                continue
+            toks = accepted_of.get(seq.seq_id)
+            if toks is None:  # a middle prefill chunk
+                seq.num_computed_tokens += s.num_new_tokens
+                continue
+            try:
+                seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
+                generated += self._append(seq, toks, chunks)
+            except Exception as exc:
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+        self.step_count += 1
+        num_decode = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
+        stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
+                          num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
+                          forward_s, len(plan.preempted), len(self.running), len(self.waiting))
+        self.stats.on_step(stats)
+        self.hook.step_end(stats=stats)
+        return list(chunks.values())
+
+    # ----------------------------------------------------------------- helpers
+    def _propose(self, seqs: list[Sequence]) -> list[list[int] | None]:
+        if not seqs:
+            return []
+        proposals = self.hook.propose_tokens(seqs=seqs)
+        if proposals is None:
+            return [[] for _ in seqs]
+        out = []
+        for seq, d in zip(seqs, proposals):
+            room = min(seq.params.max_tokens - seq.num_output_tokens - 1,
+                       self.limits.max_model_len - seq.num_tokens - 1)
+            d = list(d)[:max(room, 0)]
+            if d and not self.kv.allocate(seq, seq.num_uncomputed_tokens + len(d)):
+                d = []
+            out.append(d)
+        return out
+
+    def _append(self, seq: Sequence, toks: list[int], chunks: dict[str, StreamChunk]) -> int:
+        now = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        chunk = chunks.setdefault(seq.request_id, StreamChunk(seq.request_id, ""))
+        params = seq.params
+        count = 0
+        for tok in toks:
+            seq.token_ids.append(tok)
+            chunk.token_ids.append(tok)
+            count += 1
+            seq.text += seq.detok.add(tok)
+            if params.stop and self._cut_stop(seq):
+                self._finish(seq, "stop", chunks=chunks, flush=False)
+                break
+            reason = None
+            if (tok in self.eos_token_ids and not params.ignore_eos) or tok in params.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self._finish(seq, reason, chunks=chunks)
+                break
+        self.stats.on_tokens(count, first=seq.num_output_tokens == count)
+        if not seq.is_finished:
+            hold = max((len(s) for s in params.stop), default=1) - 1
+            self._emit(seq, chunk, len(seq.text) - hold)
+        return count
+
+    @staticmethod
+    def _cut_stop(seq: Sequence) -> bool:
+        tail_from = max(0, seq.emitted_len - max(len(s) for s in seq.params.stop))
+        hits = [i for i in (seq.text.find(s, tail_from) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            return True
+        return False
+
+    @staticmethod
+    def _emit(seq: Sequence, chunk: StreamChunk, upto: int) -> None:
+        if upto > seq.emitted_len:
+            chunk.text += seq.text[seq.emitted_len:upto]
+            seq.emitted_len = upto
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _finish(self, seq: Sequence, reason: str, *, error: str | None = None,
+                chunks: dict[str, StreamChunk] | None = None, flush: bool = True) -> None:
+        if seq.is_finished:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        if flush:
+            seq.text += seq.detok.flush()
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        seq.finish_time = time.perf_counter()
+        self.stats.on_finish(reason)
+        if chunks is not None:
+            chunk = chunks.setdefault(seq.request_id, StreamChunk(seq.request_id, ""))
+            self._emit(seq, chunk, len(seq.text))
+            chunk.finished = True
+            chunk.output = RequestOutput.from_seq(seq)

@@ -1,0 +1,114 @@
+"""The model runner: one batched forward over the KV pool, reusing the HF model's own modules.
+
+We keep transformers' modules (projections, norms, MLP, rotary tables, LM head) so weights, numerics and
+quantized module swaps carry over unchanged, and drive them with our own layer loop whose attention reads
+and writes the engine's KV pool (see docs/architecture.md for why).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.engine.batch import ForwardBatch
+from tokenmill.hooktypes import KVCacheSpec, KVPool
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelRunner:
+    """Runs a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) on flattened batches."""
+
+    def __init__(self, model, pool: KVPool, *, compile_spec=None) -> None:
+        self.model = model
+        base = model.model
+        cfg = model.config
+        self.config = cfg
+        self.embed = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.rotary = base.rotary_emb
+        self.lm_head = model.lm_head
+        attn0 = self.layers[0].self_attn
+        self.head_dim = getattr(attn0, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
+        self.window = self._sliding_window(cfg)
+        self.pool = pool
+        self.device = next(model.parameters()).device
+        self._impl = self._forward_impl
+        self.compiled = False
+        if compile_spec is not None and compile_spec.enabled:
+            self._impl = torch.compile(self._forward_impl, mode=compile_spec.mode, fullgraph=compile_spec.fullgraph,
+                                       dynamic=compile_spec.dynamic, backend=compile_spec.backend)
+            self.compiled = True
+
+    @staticmethod
+    def _sliding_window(cfg) -> int | None:
+        window = getattr(cfg, "sliding_window", None)
+        if cfg.model_type == "mistral":
+            return window
+        if cfg.model_type in ("qwen2", "qwen3") and getattr(cfg, "use_sliding_window", False):
+            if getattr(cfg, "max_window_layers", 0) < cfg.num_hidden_layers:
+                raise ValueError("per-layer sliding windows (Qwen max_window_layers) are not supported yet")
+            return None
+        return None
+
+    @staticmethod
+    def kv_spec(model, *, dtype, device, max_model_len: int, max_num_seqs: int) -> KVCacheSpec:
+        cfg = model.config
+        attn0 = model.model.layers[0].self_attn
+        head_dim = getattr(attn0, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        return KVCacheSpec(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None)
+                           or cfg.num_attention_heads, head_dim, dtype, device, max_model_len, max_num_seqs)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Write the new tokens' K/V into the pool and return logits ``[R, vocab]`` for ``logits_idx``."""
+        groups = tuple(g.as_tuple() for g in batch.groups)
+        return self._impl(batch.input_ids, batch.positions, batch.slot_mapping, groups, batch.logits_idx,
+                          self.pool.k, self.pool.v)
+
+    def _forward_impl(self, input_ids, positions, slot_mapping, groups, logits_idx, k_pool, v_pool):
+        n = input_ids.shape[0]
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(h[None], positions[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_pool[i].index_copy_(0, slot_mapping, k)
+            v_pool[i].index_copy_(0, slot_mapping, v)
+            o = self._attention(q, k_pool[i], v_pool[i], groups, n)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.norm(h[logits_idx])
+        return self.lm_head(h).float()
+
+    def _attention(self, q, k_pool, v_pool, groups, n):
+        out = None
+        gqa = self.num_heads != self.num_kv_heads
+        for tok_idx, kv_idx, mask, causal, out_idx, out_sel in groups:
+            b, t = tok_idx.shape
+            qg = q[tok_idx].transpose(1, 2)                      # [B, Hq, T, D]
+            kg = k_pool[kv_idx].transpose(1, 2)                  # [B, Hk, L, D]
+            vg = v_pool[kv_idx].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                               enable_gqa=gqa)
+            o = o.transpose(1, 2).reshape(b * t, self.num_heads * self.head_dim)
+            if out_idx is None:
+                return o
+            if out is None:
+                out = q.new_zeros(n, self.num_heads * self.head_dim)
+            out[out_idx] = o[out_sel]
+        return out

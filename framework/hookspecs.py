@@ -1,0 +1,124 @@
+"""Every tokenmill hook: the contract between the engine and plugins.
+
+Call convention: the engine always calls hooks with keyword arguments. "Choose one" hooks are
+``firstresult``: plugins are asked in order (YAML order, then built-in defaults, which register
+``trylast``) and the first non-None result wins, so a plugin can decline by returning None.
+Implement a hook with :data:`tokenmill.hookimpl`; a plugin implements any subset.
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "tokenmill"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def schedule(state):
+    """Decide which sequences run this step and how many of their tokens each.
+
+    Called once per engine step, before the forward pass. Allocate KV for every sequence you schedule
+    through ``state.kv.allocate(seq, n)``; when it returns False you may preempt running sequences
+    (list them in ``preempted``; the engine frees their KV and requeues them for recompute).
+
+    :param state: :class:`tokenmill.hooktypes.ScheduleInput` with the ``waiting`` and ``running``
+        sequences, the step ``limits`` (max sequences, token budget, max model length), the ``kv`` handle
+        and the current time.
+    :return: :class:`tokenmill.hooktypes.SchedulerOutput`. A sequence may appear in ``scheduled`` with
+        ``num_new_tokens`` between 1 and its uncomputed tokens (less than all = chunked prefill); the
+        total must not exceed ``limits.max_num_batched_tokens`` (a single prompt may exceed it only when
+        the scheduler does not chunk and schedules it alone). First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def init_kv_cache(spec):
+    """Allocate the KV pool for the pipeline's model, once, at pipeline build.
+
+    :param spec: :class:`tokenmill.hooktypes.KVCacheSpec`: layers, KV heads, head size, dtype, device,
+        max model length and max concurrent sequences.
+    :return: :class:`tokenmill.hooktypes.KVPool` whose tensors the model runner reads and writes.
+        First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def allocate_kv(seq, num_new_tokens):
+    """Reserve KV slots for ``num_new_tokens`` more tokens of ``seq``.
+
+    Called by the engine's KV handle when a scheduler admits or continues a sequence. Must be atomic:
+    on failure nothing is reserved.
+
+    :param seq: the :class:`tokenmill.sequence.Sequence`; ``seq.num_computed_tokens`` tokens already have
+        KV, slots are needed up to position ``seq.num_computed_tokens + num_new_tokens``.
+    :param num_new_tokens: how many token slots to add.
+    :return: :class:`tokenmill.hooktypes.KVAllocation` with the sequence's full block table, or ``False``
+        when the pool has no room (nothing reserved; the scheduler may then preempt). None defers to the
+        next plugin. First non-None result wins.
+    """
+
+
+@hookspec
+def free_kv(seq):
+    """Return every KV block ``seq`` holds to the pool (finished, aborted, failed or preempted).
+
+    :param seq: the :class:`tokenmill.sequence.Sequence` whose blocks go back.
+    :return: None. Every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def kv_stats():
+    """Report the KV cache's measured state.
+
+    :return: a dict with at least ``num_blocks``, ``block_size``, ``used_blocks``, ``usage`` (0..1) and
+        ``allocated_token_slots`` / ``used_token_slots``. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def quantize_layer(name, module, model_config):
+    """Replace one layer of the freshly loaded model with a quantized (or otherwise rewritten) module.
+
+    Called at load time for every ``torch.nn.Linear`` of the model (the LM head and its tied embedding
+    included, under their qualified names), before the model runner is built.
+
+    :param name: the module's qualified name, e.g. ``model.layers.3.mlp.up_proj`` or ``lm_head``.
+    :param module: the module as loaded.
+    :param model_config: the model's ``transformers`` config.
+    :return: a module with the same call signature and output shape to use instead, or None to keep
+        ``module``. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def propose_tokens(seqs):
+    """Propose draft tokens for sequences that are about to decode.
+
+    :param seqs: list of :class:`tokenmill.sequence.Sequence` in decode (all their tokens but the last
+        have KV).
+    :return: a list parallel to ``seqs`` of draft token-id lists (empty for none), or None for no
+        speculation this step. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def verify_tokens(batch):
+    """Turn the target model's logits into the tokens each sequence emits this step.
+
+    With no drafts this is plain sampling (greedy, temperature, top-k, top-p, per-request seed).
+
+    :param batch: :class:`tokenmill.hooktypes.VerifyInput` with the sequences, their logits rows and
+        drafts.
+    :return: a list parallel to ``batch.seqs``; each entry the accepted tokens in order (at least one: the
+        accepted drafts followed by the target's own next token). First non-None result wins.
+    """
+
+
+@hookspec
+def step_end(stats):
+    """Observe a finished engine step (timing, metrics, tracing).
+
+    :param stats: :class:`tokenmill.hooktypes.StepStats` measured for the step.
+    :return: None. Every implementation is called.
+    """

@@ -1,0 +1,144 @@
+"""Payloads passed to and returned from hooks. Small slotted dataclasses owned by the framework."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence as Seq
+
+import torch
+
+from tokenmill.sequence import Sequence
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerLimits:
+    """Bounds every scheduler must respect for one step."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class KVHandle(Protocol):
+    """The engine's view of the KV cache offered to schedulers.
+
+    It routes to the ``allocate_kv`` / ``free_kv`` hooks, so a scheduler never knows which KV plugin runs.
+    """
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Reserve slots for ``num_new_tokens`` more tokens of ``seq``; False when there is no room."""
+
+    def free(self, seq: Sequence) -> None:
+        """Give back every block ``seq`` holds."""
+
+    def num_free_tokens(self) -> int:
+        """Token slots not held by any sequence (cached-but-unused blocks count as free)."""
+
+
+@dataclass(slots=True)
+class ScheduleInput:
+    """What a scheduler sees each step. ``waiting`` is in arrival order (preempted requests first)."""
+
+    waiting: Seq[Sequence]
+    running: Seq[Sequence]
+    limits: SchedulerLimits
+    kv: KVHandle
+    now: float
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """Run ``num_new_tokens`` of ``seq``'s not-yet-computed tokens this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """A scheduler's decision for one step.
+
+    ``scheduled`` sequences run (KV already allocated through ``ScheduleInput.kv``); ``preempted`` ones go
+    back to the waiting queue and lose their KV (recomputed later); ``rejected`` ones fail with the reason.
+    """
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    rejected: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass(slots=True, frozen=True)
+class KVCacheSpec:
+    """Shape of the KV cache a model needs; given to ``init_kv_cache``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    max_num_seqs: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(slots=True)
+class KVPool:
+    """Preallocated K/V storage: per layer a tensor of ``[num_blocks * block_size, num_kv_heads, head_dim]``.
+
+    Token ``p`` of a sequence with block table ``bt`` lives at row ``bt[p // block_size] * block_size +
+    p % block_size``. Rows never written are zero, so masked reads stay finite.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+    num_blocks: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass(slots=True)
+class KVAllocation:
+    """``allocate_kv``'s answer: the sequence's whole block table after the allocation."""
+
+    block_table: list[int]
+
+
+@dataclass(slots=True)
+class VerifyInput:
+    """Logits for the positions that produce tokens this step, and the drafts they check.
+
+    For sequence ``seqs[i]``, rows ``row_start[i] : row_start[i] + 1 + len(drafts[i])`` of ``logits`` are the
+    target's distributions after the last accepted token and after each draft token in turn.
+    """
+
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    row_start: list[int]
+    drafts: list[list[int]]
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Measured facts about one finished engine step, for observers (``step_end``)."""
+
+    step: int
+    num_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_generated_tokens: int
+    token_budget: int
+    duration_s: float
+    forward_s: float
+    num_preempted: int
+    num_running: int
+    num_waiting: int

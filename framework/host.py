@@ -1,0 +1,174 @@
+"""The plugin host: discovery of installed plugins and one PluginManager per pipeline.
+
+Plugins are found through the entry-point group ``tokenmill.plugins`` (tokenmill's built-ins are declared
+there too). ``BUILTIN_PLUGINS`` is the built-in registry, used when tokenmill runs from a source tree that
+was not installed. Environment:
+
+- ``TOKENMILL_PLUGINS``: comma-separated allowlist of discovered plugin names (others are hidden);
+- ``TOKENMILL_DISABLE_PLUGINS``: comma-separated denylist;
+- ``TOKENMILL_DISABLE_PLUGIN_AUTOLOAD=1``: never register ``autoload`` plugins that a pipeline does not name.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pluggy
+
+from tokenmill import hookspecs
+from tokenmill.errors import PipelineError
+
+ENTRY_POINT_GROUP = "tokenmill.plugins"
+
+BUILTIN_PLUGINS: dict[str, str] = {
+    "fcfs": "tokenmill.plugins.batching.fcfs:FCFSScheduler",
+    "contiguous_kv": "tokenmill.plugins.kv.contiguous:ContiguousKV",
+    "sampler": "tokenmill.plugins.sampling.sampler:Sampler",
+}
+# Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
+DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")
+
+FIRSTRESULT_HOOKS: tuple[str, ...] = tuple(
+    name for name in dir(hookspecs)
+    if getattr(getattr(hookspecs, name), "tokenmill_spec", {}).get("firstresult")
+)
+
+
+@dataclass(slots=True)
+class PluginEntry:
+    """One discoverable plugin: its name, where it comes from, and how to load it."""
+
+    name: str
+    value: str
+    distribution: str
+
+    def load(self) -> Any:
+        mod_name, _, attr = self.value.partition(":")
+        obj = importlib.import_module(mod_name)
+        for part in filter(None, attr.split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _env_names(var: str) -> set[str] | None:
+    raw = os.environ.get(var, "").strip()
+    return {n.strip() for n in raw.split(",") if n.strip()} if raw else None
+
+
+def discover_plugins() -> dict[str, PluginEntry]:
+    """Every plugin visible to this process, after the allow/deny environment filters."""
+    found: dict[str, PluginEntry] = {
+        name: PluginEntry(name, value, "tokenmill (built-in)") for name, value in BUILTIN_PLUGINS.items()
+    }
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        found[ep.name] = PluginEntry(ep.name, ep.value, dist)
+    allow = _env_names("TOKENMILL_PLUGINS")
+    deny = _env_names("TOKENMILL_DISABLE_PLUGINS") or set()
+    return {
+        n: e for n, e in found.items()
+        if n in DEFAULT_PLUGINS or ((allow is None or n in allow) and n not in deny)
+    }
+
+
+def hooks_implemented(plugin: Any) -> list[str]:
+    """Names of the tokenmill hooks a plugin (class, instance or module) implements."""
+    return sorted(
+        name for name in dir(plugin)
+        if not name.startswith("_") and hasattr(hookspecs, name)
+        and getattr(getattr(plugin, name, None), "tokenmill_impl", None) is not None
+    )
+
+
+def instantiate(obj: Any, options: Any) -> Any:
+    """Make a per-pipeline plugin object: classes get their options, modules are used as they are."""
+    return obj(options) if isinstance(obj, type) else obj
+
+
+class _PipelinePluginManager(pluggy.PluginManager):
+    """A PluginManager where plugins named by the pipeline are ordered by the pipeline alone.
+
+    Their own tryfirst/trylast marks are dropped; built-in defaults keep theirs (trylast).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.named_ids: set[int] = set()
+
+    def parse_hookimpl_opts(self, plugin, name):
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None and id(plugin) in self.named_ids:
+            opts = dict(opts, tryfirst=False, trylast=False)
+        return opts
+
+
+def call_order(names: list[str], impls: dict[str, list[str]], order: dict[str, list[str]]) -> list[str]:
+    """The order in which named plugins are asked, from the YAML list and its ``order:`` constraints.
+
+    :param names: plugin names as listed in the pipeline.
+    :param impls: for each name, the hooks it implements.
+    :param order: hook name -> plugin names, first asked first.
+    :raises PipelineError: two plugins answer one firstresult hook and ``order`` does not rank them, or the
+        constraints contradict each other.
+    """
+    for hook in FIRSTRESULT_HOOKS:
+        claimants = [n for n in names if hook in impls[n]]
+        ranked = order.get(hook, [])
+        unranked = [n for n in claimants if n not in ranked]
+        if len(claimants) > 1 and unranked:
+            raise PipelineError(
+                f"plugins {claimants} all answer the choose-one hook '{hook}'; say which is asked first "
+                f"with `order: {{{hook}: [{', '.join(claimants)}]}}` (first non-None result wins)"
+            )
+    before: dict[str, set[str]] = {n: set() for n in names}
+    for hook, ranked in order.items():
+        for i, later in enumerate(ranked):
+            before[later].update(ranked[:i])
+    result: list[str] = []
+    pending = list(names)
+    while pending:
+        ready = next((n for n in pending if before[n] <= set(result)), None)
+        if ready is None:
+            raise PipelineError(f"`order` constraints contradict each other among {pending}")
+        result.append(ready)
+        pending.remove(ready)
+    return result
+
+
+def make_plugin_manager(
+    named: Iterable[tuple[str, Any]],
+    order: dict[str, list[str]] | None = None,
+    *,
+    catalog: dict[str, PluginEntry] | None = None,
+) -> pluggy.PluginManager:
+    """Build the PluginManager for one pipeline.
+
+    :param named: ``(name, plugin object)`` pairs the pipeline names, in YAML order, already instantiated.
+    :param order: per firstresult hook, the names in the order they are asked.
+    :param catalog: discovered plugins (defaults to :func:`discover_plugins`), for defaults and autoload.
+    :return: a fresh manager with the hookspecs, the named plugins, autoload plugins and the defaults.
+    """
+    named = list(named)
+    catalog = discover_plugins() if catalog is None else catalog
+    pm = _PipelinePluginManager()
+    pm.add_hookspecs(hookspecs)
+    names = [n for n, _ in named]
+    for default in DEFAULT_PLUGINS:
+        if default not in names:
+            pm.register(instantiate(catalog[default].load(), None), name=f"default:{default}")
+    if os.environ.get("TOKENMILL_DISABLE_PLUGIN_AUTOLOAD", "") not in ("1", "true", "yes"):
+        for entry in catalog.values():
+            if entry.name in names or entry.name in DEFAULT_PLUGINS:
+                continue
+            obj = entry.load()
+            if getattr(obj, "autoload", False):
+                pm.register(instantiate(obj, None), name=f"autoload:{entry.name}")
+    impls = {n: hooks_implemented(p) for n, p in named}
+    objects = dict(named)
+    for name in reversed(call_order(names, impls, order or {})):  # pluggy asks the last registered first
+        pm.named_ids.add(id(objects[name]))
+        pm.register(objects[name], name=name)
+    return pm

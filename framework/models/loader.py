@@ -1,0 +1,80 @@
+"""Load a resolved model into memory: weights (via accelerate's empty-weight init), tokenizer, config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.resolve import resolve_model
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: Any           # a transformers *ForCausalLM
+    tokenizer: Any
+    name: str
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> the best accelerator present (CUDA, then MPS), else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{device}' requested but CUDA is not available; use device: cpu or auto")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[dtype]
+
+
+def load_model(model: str, *, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LoadedModel:
+    """Resolve, convert if needed, and load ``model`` with its tokenizer.
+
+    :raises ModelLoadError: unknown model, missing package (with the install command), offline hub id,
+        or an unsupported architecture (with the supported ones).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, name = resolve_model(model, progress=progress)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except OSError as exc:
+        if isinstance(src, str) and not Path(src).exists():
+            raise ModelLoadError(
+                f"cannot load hub model '{src}': it is not in the local Hugging Face cache and the hub could "
+                f"not be reached (offline?). Download it where you have network, or point `model:` at a local "
+                f"directory. ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        raise ModelLoadError(f"cannot read model config from {src}: {exc}") from None
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise ModelLoadError(f"model type '{config.model_type}' is not supported; supported families: "
+                             + ", ".join(SUPPORTED_FAMILIES))
+    # from_pretrained builds the module tree under accelerate's init_empty_weights (no throwaway random
+    # init), then assigns the checkpoint tensors directly onto the target device.
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)},
+                                              attn_implementation="sdpa")
+    hf.eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(src)
+    return LoadedModel(hf, tok, name, str(src), dev, dt)

@@ -1,0 +1,191 @@
+"""A built pipeline: model + plugins + engine, driven through a small embedding API."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from tokenmill.engine.engine import Engine
+from tokenmill.engine.outputs import RequestOutput, StreamChunk
+from tokenmill.engine.runner import ModelRunner
+from tokenmill.errors import RequestError
+from tokenmill.host import instantiate, make_plugin_manager
+from tokenmill.hooktypes import SchedulerLimits
+from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.params import SamplingParams
+from tokenmill.spec import PipelineSpec, load_spec
+
+Prompt = str | list[int]
+
+
+class Pipeline:
+    """Model, plugins and engine assembled from a :class:`PipelineSpec`.
+
+    Each pipeline has its own plugin manager, plugin instances, KV pool and engine, so several can live in
+    one process. Not thread-safe; drive one pipeline from one thread.
+    """
+
+    def __init__(self, spec: PipelineSpec, *, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+        self.spec = spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.plugins = {p.name: instantiate(p.obj, p.options) for p in spec.plugins}
+        self.pm = make_plugin_manager(list(self.plugins.items()), spec.order)
+        self.loaded = loaded or load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        model = self.loaded.model
+        self.quantized_layers = self._quantize(model)
+        cfg = model.config
+        max_len = min(spec.limits.max_model_len, getattr(cfg, "max_position_embeddings", spec.limits.max_model_len))
+        self.limits = SchedulerLimits(spec.limits.max_num_seqs, spec.limits.max_num_batched_tokens, max_len)
+        kv_spec = ModelRunner.kv_spec(model, dtype=self.loaded.dtype, device=self.loaded.device,
+                                      max_model_len=max_len, max_num_seqs=spec.limits.max_num_seqs)
+        pool = self.pm.hook.init_kv_cache(spec=kv_spec)
+        assert pool is not None, "no plugin answered init_kv_cache"
+        self.runner = ModelRunner(model, pool, compile_spec=spec.compile)
+        self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits,
+                             eos_token_ids=self._eos_ids(), seed=spec.seed)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **kwargs: Any) -> "Pipeline":
+        return cls(load_spec(path), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict, **kwargs: Any) -> "Pipeline":
+        return cls(load_spec(data), **kwargs)
+
+    def _quantize(self, model) -> list[str]:
+        if not self.pm.hook.quantize_layer.get_hookimpls():
+            return []
+        replaced = []
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            new = self.pm.hook.quantize_layer(name=name, module=module, model_config=model.config)
+            if new is not None and new is not module:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+                replaced.append(name)
+        return replaced
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.loaded.model, "generation_config", None), self.tokenizer):
+            eos = getattr(src, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(e) for e in eos)
+        return ids
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Token ids for a text prompt (with the chat template when ``chat``), or ids passed through."""
+        if isinstance(prompt, list):
+            if chat:
+                raise RequestError("chat=True needs a text prompt or a list of messages, not token ids")
+            return prompt
+        if not isinstance(prompt, str):
+            raise RequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if chat:
+            return self.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template; send a plain prompt")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ running
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
+               request_id: str | None = None) -> str:
+        """Queue one request; returns its id. Drive it with :meth:`step`."""
+        return self.engine.add_request(self.encode(prompt, chat=chat), params, request_id).request_id
+
+    def step(self) -> list[StreamChunk]:
+        return self.engine.step()
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, chat: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion, batched by the pipeline's scheduler; one result per prompt, in order.
+
+        Invalid prompts raise :class:`RequestError` before anything is queued.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise RequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self.encode(p, chat=chat) for p in prompts]
+        ids = []
+        try:
+            for toks, p in zip(encoded, plist):
+                ids.append(self.engine.add_request(toks, p).request_id)
+        except RequestError:
+            for rid in ids:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
+            raise
+        pending = set(ids)
+        while pending:
+            for chunk in self.engine.step():
+                if chunk.finished:
+                    pending.discard(chunk.request_id)
+            pending = {r for r in pending if not self.engine.requests[r].is_finished}
+        return [self.engine.pop_finished(rid) for rid in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               chat: bool = False) -> Iterator[StreamChunk]:
+        """Yield text as it is produced; the last chunk has ``finished`` and the full ``output``.
+
+        Closing the generator early aborts the request and frees its KV.
+        """
+        rid = self.submit(prompt, params, chat=chat)
+        try:
+            while True:
+                for chunk in self.engine.step():
+                    if chunk.request_id == rid:
+                        if chunk.finished:
+                            self.engine.requests.pop(rid, None)
+                        yield chunk
+                        if chunk.finished:
+                            return
+                seq = self.engine.requests.get(rid)
+                if seq is not None and seq.is_finished:  # finished outside a step (abort)
+                    yield StreamChunk(rid, "", finished=True, output=self.engine.pop_finished(rid))
+                    return
+        finally:
+            if rid in self.engine.requests:
+                self.engine.abort(rid)
+                self.engine.requests.pop(rid, None)
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict:
+        """Engine statistics: queue sizes, KV usage, throughput, batch utilization."""
+        out = self.engine.stats.snapshot()
+        out.update(running=len(self.engine.running), waiting=len(self.engine.waiting),
+                   kv=self.pm.hook.kv_stats())
+        return out
+
+    def info(self) -> dict:
+        cfg = self.loaded.config
+        params = sum(p.numel() for p in self.loaded.model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        weight_bytes += sum(b.numel() * b.element_size() for b in self.loaded.model.buffers())
+        return {
+            "name": self.spec.name, "model": self.loaded.name, "architecture": cfg.model_type,
+            "params": params, "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "device": str(self.loaded.device), "weight_bytes": weight_bytes,
+            "quantized_layers": len(self.quantized_layers),
+            "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
+            "max_num_batched_tokens": self.limits.max_num_batched_tokens,
+            "compiled": self.runner.compiled,
+            "plugins": {name: repr(getattr(p, "options", None)) for name, p in self.plugins.items()},
+        }

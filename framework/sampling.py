@@ -1,0 +1,49 @@
+"""Sampling math shared by plugins: logits processing (temperature, top-k, top-p) and draws.
+
+Per-request generators make sampling reproducible for a request whatever else runs in its batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenmill.params import SamplingParams
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``params`` samples from: softmax(logits / T) restricted by top-k and top-p.
+
+    :param logits: ``[..., vocab]`` raw logits.
+    :return: float32 probabilities, renormalised, zero outside the kept set. For ``temperature == 0``
+        a one-hot of the argmax.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop_sorted = (cum - sorted_p) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token id from a 1-D distribution."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sample_next(logits: torch.Tensor, params_list: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """Sample one token per row of ``logits`` (``[rows, vocab]``), greedy rows in one argmax."""
+    out = logits.argmax(-1).tolist()
+    for row, (params, gen) in enumerate(zip(params_list, generators)):
+        if not params.greedy:
+            out[row] = draw(filtered_probs(logits[row], params), gen)
+    return out
