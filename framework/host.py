@@ -7,12 +7,15 @@ was not installed. Environment:
 - ``TOKENMILL_PLUGINS``: comma-separated allowlist of discovered plugin names (others are hidden);
 - ``TOKENMILL_DISABLE_PLUGINS``: comma-separated denylist;
 - ``TOKENMILL_DISABLE_PLUGIN_AUTOLOAD=1``: never register ``autoload`` plugins that a pipeline does not name.
+
+The engine's defaults (``DEFAULT_PLUGINS``) are exempt from the allow and deny lists: they are its baseline.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -114,6 +117,10 @@ def call_order(names: list[str], impls: dict[str, list[str]], order: dict[str, l
     :raises PipelineError: two plugins answer one firstresult hook and ``order`` does not rank them, or the
         constraints contradict each other.
     """
+    for hook, ranked in order.items():
+        unknown = [n for n in ranked if n not in impls]
+        if unknown:
+            raise PipelineError(f"`order.{hook}` names {unknown}, not among the pipeline's plugins {names}")
     for hook in FIRSTRESULT_HOOKS:
         claimants = [n for n in names if hook in impls[n]]
         ranked = order.get(hook, [])
@@ -163,7 +170,12 @@ def make_plugin_manager(
         for entry in catalog.values():
             if entry.name in names or entry.name in DEFAULT_PLUGINS:
                 continue
-            obj = entry.load()
+            try:
+                obj = entry.load()
+            except Exception as exc:  # one broken installed plugin must not break every pipeline
+                warnings.warn(f"skipping plugin '{entry.name}' from {entry.distribution}: it failed to load "
+                              f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+                continue
             if getattr(obj, "autoload", False):
                 pm.register(instantiate(obj, None), name=f"autoload:{entry.name}")
     impls = {n: hooks_implemented(p) for n, p in named}

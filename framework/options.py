@@ -83,4 +83,5 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str) -> Any:
     try:
         return cls(**raw)
     except (ValueError, TypeError) as exc:
-        raise OptionError(f"bad value for {what}: {exc}") from None
+        first = str(exc).split(" ", 1)[0]  # __post_init__ messages start with the field's name
+        raise OptionError(f"bad value for {what}: {exc}", first if first in raw else None) from None

@@ -22,7 +22,10 @@ def load_with_lines(text: str, source: str) -> tuple[Any, dict[Path, int]]:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         col = f" (column {mark.column + 1})" if mark is not None else ""
-        raise PipelineError(f"YAML syntax error{col}: {problem}", source=source, line=line) from None
+        ctx_mark = getattr(exc, "context_mark", None)
+        ctx = getattr(exc, "context", None)
+        started = f" ({ctx} at line {ctx_mark.line + 1})" if ctx and ctx_mark is not None else ""
+        raise PipelineError(f"YAML syntax error{col}: {problem}{started}", source=source, line=line) from None
     lines: dict[Path, int] = {}
     constructor = yaml.SafeLoader("")
 
@@ -35,7 +38,7 @@ def load_with_lines(text: str, source: str) -> tuple[Any, dict[Path, int]]:
                 if key in out:
                     raise PipelineError(f"duplicate key '{key}'", source=source, line=key_node.start_mark.line + 1)
                 out[key] = convert(value_node, path + (key,))
-                lines.setdefault(path + (key,), key_node.start_mark.line + 1)
+                lines[path + (key,)] = key_node.start_mark.line + 1
             return out
         if isinstance(node, yaml.SequenceNode):
             return [convert(item, path + (i,)) for i, item in enumerate(node.value)]

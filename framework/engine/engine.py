@@ -41,6 +41,11 @@ class EngineKV:
         stats = self.hook.kv_stats()
         return stats["free_blocks"] * stats["block_size"]
 
+    def capacity_tokens(self) -> int:
+        """Token slots of the whole pool: the most one sequence could ever hold."""
+        stats = self.hook.kv_stats()
+        return stats["num_blocks"] * stats["block_size"]
+
 
 class Engine:
     """Owns request state and runs steps. Not thread-safe: one thread drives it (the service has a loop)."""
@@ -78,6 +83,10 @@ class Engine:
             raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the pipeline's "
                 f"max_model_len of {self.limits.max_model_len}; shorten the prompt or lower max_tokens")
+        capacity = self.kv.capacity_tokens()
+        if total > capacity:
+            raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache ({capacity} "
+                               "token slots); enlarge the KV pool or shorten the request")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -118,12 +127,7 @@ class Engine:
             self._finish(seq, "error", error=reason, chunks=chunks)
         for seq in plan.preempted:
             self._preempt(seq)
-        if not plan.scheduled:
-            if self.waiting and not self.running:
-                head = self.waiting[0]
-                self._finish(head, "error", chunks=chunks, error=(
-                    f"request needs {head.num_tokens + head.params.max_tokens - head.num_output_tokens} KV "
-                    "slots but the KV cache cannot hold it even when empty; enlarge the KV pool"))
+        if not plan.scheduled:  # a scheduler may hold back on purpose (e.g. a batching window)
             return list(chunks.values())
         for item in plan.scheduled:
             seq = item.seq
