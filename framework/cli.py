@@ -1,4 +1,4 @@
-"""The ``tokenmill`` command: run, validate, plugins (and bench, see benchmarks/)."""
+"""The ``tokenmill`` command: run, validate, plugins."""
 from __future__ import annotations
 
 import argparse

@@ -71,8 +71,9 @@ def free_kv(seq):
 def kv_stats():
     """Report the KV cache's measured state.
 
-    :return: a dict with at least ``num_blocks``, ``block_size``, ``used_blocks``, ``usage`` (0..1) and
-        ``allocated_token_slots`` / ``used_token_slots``. First non-None result wins.
+    :return: a dict with at least ``num_blocks``, ``block_size``, ``used_blocks``, ``free_blocks`` (blocks a
+        new allocation can take), ``usage`` (0..1) and ``allocated_token_slots`` / ``used_token_slots``. The
+        engine reads ``num_blocks``, ``free_blocks`` and ``block_size``. First non-None result wins.
     """
 
 
@@ -80,8 +81,8 @@ def kv_stats():
 def quantize_layer(name, module, model_config):
     """Replace one layer of the freshly loaded model with a quantized (or otherwise rewritten) module.
 
-    Called at load time for every ``torch.nn.Linear`` of the model (the LM head and its tied embedding
-    included, under their qualified names), before the model runner is built.
+    Called at load time for every ``torch.nn.Linear`` of the model, the LM head included (``lm_head``; when
+    it is tied to the input embedding, replacing it unties the two), before the model runner is built.
 
     :param name: the module's qualified name, e.g. ``model.layers.3.mlp.up_proj`` or ``lm_head``.
     :param module: the module as loaded.
@@ -93,10 +94,10 @@ def quantize_layer(name, module, model_config):
 
 @hookspec(firstresult=True)
 def propose_tokens(seqs):
-    """Propose draft tokens for sequences that are about to decode.
+    """Propose draft tokens for the sequences that produce a token this step.
 
-    :param seqs: list of :class:`tokenmill.sequence.Sequence` in decode (all their tokens but the last
-        have KV).
+    :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
+        sequences whose final prefill chunk runs now. After the step all their tokens have KV.
     :return: a list parallel to ``seqs`` of draft token-id lists (empty for none), or None for no
         speculation this step. First non-None result wins.
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Iterator, Sequence as Seq
 
 import torch
@@ -83,6 +84,8 @@ class Pipeline:
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
         """Token ids for a text prompt (with the chat template when ``chat``), or ids passed through."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.apply_chat_template(prompt)
         if isinstance(prompt, list):
             if chat:
                 raise RequestError("chat=True needs a text prompt or a list of messages, not token ids")
@@ -109,7 +112,12 @@ class Pipeline:
         return self.engine.step()
 
     def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV now; its finished chunk comes with the next :meth:`step`."""
         return self.engine.abort(request_id)
+
+    def collect(self, request_id: str) -> RequestOutput:
+        """The result of a finished request driven with :meth:`submit` / :meth:`step` (forgets it)."""
+        return self.engine.pop_finished(request_id)
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  *, chat: bool = False) -> list[RequestOutput]:
@@ -135,6 +143,8 @@ class Pipeline:
             raise
         pending = set(ids)
         while pending:
+            if self.engine.idle:
+                time.sleep(0.0005)  # the scheduler is holding back (e.g. a batching window)
             for chunk in self.engine.step():
                 if chunk.finished:
                     pending.discard(chunk.request_id)
@@ -150,6 +160,8 @@ class Pipeline:
         rid = self.submit(prompt, params, chat=chat)
         try:
             while True:
+                if self.engine.idle:
+                    time.sleep(0.0005)
                 for chunk in self.engine.step():
                     if chunk.request_id == rid:
                         if chunk.finished:
@@ -157,10 +169,6 @@ class Pipeline:
                         yield chunk
                         if chunk.finished:
                             return
-                seq = self.engine.requests.get(rid)
-                if seq is not None and seq.is_finished:  # finished outside a step (abort)
-                    yield StreamChunk(rid, "", finished=True, output=self.engine.pop_finished(rid))
-                    return
         finally:
             if rid in self.engine.requests:
                 self.engine.abort(rid)

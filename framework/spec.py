@@ -25,8 +25,11 @@ class CompileSpec:
     dynamic: bool | None = None
     backend: str = "inductor"
     buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    kv_multiple: int = 64
 
     def __post_init__(self) -> None:
+        if self.kv_multiple < 1:
+            raise ValueError(f"kv_multiple must be >= 1, got {self.kv_multiple}")
         if sorted(set(self.buckets)) != list(self.buckets) or not self.buckets or self.buckets[0] < 1:
             raise ValueError(f"buckets must be increasing positive integers, got {self.buckets}")
 
@@ -158,7 +161,11 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
             raise fail(f"plugin '{name}' is listed twice", path)
         names.append(name)
         entry = catalog[name]
-        obj = entry.load()
+        try:
+            obj = entry.load()
+        except Exception as exc:
+            raise fail(f"plugin '{name}' (from {entry.distribution}, {entry.value}) failed to load: "
+                       f"{type(exc).__name__}: {exc}", path) from None
         opts_cls = getattr(obj, "Options", None) if isinstance(obj, type) else None
         try:
             if opts_cls is None:

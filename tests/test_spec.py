@@ -325,7 +325,7 @@ def test_bad_compile_key(tmp_path):
     """)
     msg = assert_at(error_of(path), path, 4)
     assert "unknown option 'fullgrph' for 'compile'" in msg and "did you mean 'fullgraph'?" in msg
-    assert "allowed: backend, buckets, dynamic, enabled, fullgraph, mode" in msg
+    assert "allowed: backend, buckets, dynamic, enabled, fullgraph, kv_multiple, mode" in msg
 
 
 def test_bad_compile_value(tmp_path):

@@ -31,6 +31,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor     # [N] pool row each new token's K/V is written to
     groups: list[AttnGroup]
     logits_idx: torch.Tensor       # [R] flat tokens whose next-token logits are needed
+    decode_padded: bool = False    # a bucketed all-decode batch (the compiled path's input)
 
     @property
     def num_tokens(self) -> int:
@@ -38,20 +39,24 @@ class ForwardBatch:
 
 
 def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: list[int], bt: torch.Tensor,
-           block_size: int, window: int | None, whole_batch: bool) -> AttnGroup:
+           block_size: int, window: int | None, whole_batch: bool, kv_multiple: int = 0) -> AttnGroup:
     b = len(seq_ids)
     t_max = max(counts)
     l_max = max(s + n for s, n in zip(starts, counts))
+    if kv_multiple:  # static-ish shapes for compiled decode: pad keys, always an explicit mask
+        l_max = -(-l_max // kv_multiple) * kv_multiple
     start = torch.tensor(starts)
     count = torch.tensor(counts)
     t = torch.arange(t_max)
     tok = torch.tensor(offsets)[:, None] + torch.minimum(t[None, :], count[:, None] - 1)
     k = torch.arange(l_max)
-    kv_idx = bt[seq_ids][:, k // block_size] * block_size + (k % block_size)
-    if b == 1 and window is None and starts[0] == 0 and counts[0] > 1:
-        mask, causal = None, True
-    elif b == 1 and window is None and counts[0] == 1:
+    rows = bt[seq_ids]
+    kv_idx = rows[:, (k // block_size).clamp(max=rows.shape[1] - 1)] * block_size + (k % block_size)
+    single = b == 1 and window is None and not kv_multiple
+    if single and counts[0] == 1:                                # one decode: attend to every key
         mask, causal = None, False
+    elif single and starts[0] == 0:                              # one whole prompt: plain causal
+        mask, causal = None, True
     else:
         qpos = start[:, None] + t[None, :]                       # [B, T]
         mask = k[None, None, :] <= qpos[:, :, None]
@@ -70,8 +75,13 @@ def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: li
     return AttnGroup(tok, kv_idx, mask, causal, out_idx, out_sel)
 
 
+def next_bucket(n: int, buckets: list[int]) -> int:
+    return next((b for b in buckets if b >= n), n)
+
+
 def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: int, *,
-                window: int | None = None, device: torch.device | str = "cpu") -> ForwardBatch:
+                window: int | None = None, device: torch.device | str = "cpu",
+                decode_buckets: list[int] | None = None, kv_multiple: int = 0) -> ForwardBatch:
     """Lay out one step.
 
     :param items: per sequence ``(new_token_ids, start_position, block_table, num_logits)``: the tokens to
@@ -79,7 +89,15 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         logits (0 for a middle prefill chunk).
     :param block_size: tokens per KV block.
     :param window: sliding-window size of the model, if any.
+    :param decode_buckets: when every item is a single-token decode, pad the batch to the next of these
+        sizes with copies of the first item (same token, position and slot, so the duplicate K/V write is
+        identical) and never ask their logits: a few fixed shapes for compiled graphs.
+    :param kv_multiple: with ``decode_buckets``, pad the key length to a multiple of this.
     """
+    padded = bool(decode_buckets) and all(len(x[0]) == 1 for x in items)
+    if padded:
+        pad = next_bucket(len(items), decode_buckets) - len(items)
+        items = list(items) + [(items[0][0], items[0][1], items[0][2], 0)] * pad
     counts = [len(x[0]) for x in items]
     starts = [x[1] for x in items]
     offsets, acc = [], 0
@@ -99,9 +117,10 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         if members:
             groups.append(_group(members, [starts[i] for i in members], [counts[i] for i in members],
                                  [offsets[i] for i in members], bt, block_size, window,
-                                 whole_batch=len(members) == len(items)))
+                                 whole_batch=len(members) == len(items),
+                                 kv_multiple=kv_multiple if padded else 0))
     logits_idx = [offsets[i] + counts[i] - k for i, x in enumerate(items) for k in range(x[3], 0, -1)]
-    batch = ForwardBatch(ids, pos, slots, groups, torch.tensor(logits_idx, dtype=torch.long))
+    batch = ForwardBatch(ids, pos, slots, groups, torch.tensor(logits_idx, dtype=torch.long), padded)
     if torch.device(device).type != "cpu":
         batch = to_device(batch, device)
     return batch
@@ -112,4 +131,4 @@ def to_device(batch: ForwardBatch, device) -> ForwardBatch:
     groups = [AttnGroup(mv(g.tok_idx), mv(g.kv_idx), mv(g.mask), g.is_causal, mv(g.out_idx), mv(g.out_sel))
               for g in batch.groups]
     return ForwardBatch(mv(batch.input_ids), mv(batch.positions), mv(batch.slot_mapping), groups,
-                        mv(batch.logits_idx))
+                        mv(batch.logits_idx), batch.decode_padded)

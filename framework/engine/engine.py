@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 import time
 from collections import deque
 
@@ -67,6 +68,9 @@ class Engine:
         self.vocab_size = runner.config.vocab_size
         self.stats = EngineStats(limits.max_num_batched_tokens)
         self.step_count = 0
+        self.idle = False  # the last step scheduled nothing
+        self._outbox: dict[str, StreamChunk] = {}  # chunks of requests finished between steps (abort)
+        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -120,13 +124,14 @@ class Engine:
     def step(self) -> list[StreamChunk]:
         """Run one engine step; return the new output of every request that produced some or finished."""
         t0 = time.perf_counter()
-        chunks: dict[str, StreamChunk] = {}
+        chunks, self._outbox = self._outbox, {}
         plan = self.hook.schedule(state=ScheduleInput(tuple(self.waiting), tuple(self.running), self.limits,
                                                       self.kv, t0))
         for seq, reason in plan.rejected:
             self._finish(seq, "error", error=reason, chunks=chunks)
         for seq in plan.preempted:
             self._preempt(seq)
+        self.idle = not plan.scheduled
         if not plan.scheduled:  # a scheduler may hold back on purpose (e.g. a batching window)
             return list(chunks.values())
         for item in plan.scheduled:
@@ -151,7 +156,8 @@ class Engine:
         t_fwd = time.perf_counter()
         try:
             batch = build_batch(items, self.runner.pool.block_size, window=self.runner.window,
-                                device=self.runner.device)
+                                device=self.runner.device, decode_buckets=self.runner.decode_buckets,
+                                kv_multiple=self.runner.kv_multiple)
             logits = self.runner.forward(batch)
             verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing])
             row = 0
@@ -177,6 +183,9 @@ class Engine:
                 seq.num_computed_tokens += s.num_new_tokens
                 continue
             try:
+                if not 1 <= len(toks) <= 1 + len(draft_of[seq.seq_id]):
+                    raise RuntimeError(f"verify_tokens returned {len(toks)} tokens for "
+                                       f"{len(draft_of[seq.seq_id])} drafts (allowed: 1 to drafts + 1)")
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
                 generated += self._append(seq, toks, chunks)
             except Exception as exc:
@@ -187,14 +196,27 @@ class Engine:
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
                           forward_s, len(plan.preempted), len(self.running), len(self.waiting))
         self.stats.on_step(stats)
-        self.hook.step_end(stats=stats)
+        try:
+            self.hook.step_end(stats=stats)
+        except Exception as exc:  # an observer must not break serving
+            self._warn_once("step_end", exc)
         return list(chunks.values())
+
+    def _warn_once(self, hook: str, exc: Exception) -> None:
+        if hook not in self._warned:
+            self._warned.add(hook)
+            warnings.warn(f"a plugin's {hook} hook failed ({type(exc).__name__}: {exc}); continuing without it",
+                          RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- helpers
     def _propose(self, seqs: list[Sequence]) -> list[list[int] | None]:
         if not seqs:
             return []
-        proposals = self.hook.propose_tokens(seqs=seqs)
+        try:
+            proposals = self.hook.propose_tokens(seqs=seqs)
+        except Exception as exc:  # a failing drafter costs speed, not requests
+            self._warn_once("propose_tokens", exc)
+            proposals = None
         if proposals is None:
             return [[] for _ in seqs]
         out = []
@@ -252,6 +274,8 @@ class Engine:
             seq.emitted_len = upto
 
     def _preempt(self, seq: Sequence) -> None:
+        if seq.status is not SeqStatus.RUNNING:  # only running sequences can be preempted
+            return
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -276,8 +300,8 @@ class Engine:
         seq.error = error
         seq.finish_time = time.perf_counter()
         self.stats.on_finish(reason)
-        if chunks is not None:
-            chunk = chunks.setdefault(seq.request_id, StreamChunk(seq.request_id, ""))
-            self._emit(seq, chunk, len(seq.text))
-            chunk.finished = True
-            chunk.output = RequestOutput.from_seq(seq)
+        chunk = (self._outbox if chunks is None else chunks).setdefault(seq.request_id,
+                                                                       StreamChunk(seq.request_id, ""))
+        self._emit(seq, chunk, len(seq.text))
+        chunk.finished = True
+        chunk.output = RequestOutput.from_seq(seq)

@@ -36,15 +36,26 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
+        self.gqa = bool(self.num_heads != self.num_kv_heads)  # a plain bool: SDPA rejects a SymBool
         self.window = self._sliding_window(cfg)
         self.pool = pool
         self.device = next(model.parameters()).device
-        self._impl = self._forward_impl
-        self.compiled = False
+        # Compiled path: all-decode steps, padded to batch-size buckets with key length a multiple of
+        # kv_multiple, so a handful of graphs serve every step (CUDA graphs under reduce-overhead).
+        # Prefill and mixed steps vary in shape every time and stay eager.
+        self._compiled = None
+        self.decode_buckets: list[int] | None = None
+        self.kv_multiple = 0
         if compile_spec is not None and compile_spec.enabled:
-            self._impl = torch.compile(self._forward_impl, mode=compile_spec.mode, fullgraph=compile_spec.fullgraph,
-                                       dynamic=compile_spec.dynamic, backend=compile_spec.backend)
-            self.compiled = True
+            self._compiled = torch.compile(self._forward_impl, mode=compile_spec.mode,
+                                           fullgraph=compile_spec.fullgraph, dynamic=compile_spec.dynamic,
+                                           backend=compile_spec.backend)
+            self.decode_buckets = list(compile_spec.buckets)
+            self.kv_multiple = compile_spec.kv_multiple
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     @staticmethod
     def _sliding_window(cfg) -> int | None:
@@ -69,7 +80,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Write the new tokens' K/V into the pool and return logits ``[R, vocab]`` for ``logits_idx``."""
         groups = tuple(g.as_tuple() for g in batch.groups)
-        return self._impl(batch.input_ids, batch.positions, batch.slot_mapping, groups, batch.logits_idx,
+        impl = self._compiled if (self._compiled is not None and batch.decode_padded) else self._forward_impl
+        return impl(batch.input_ids, batch.positions, batch.slot_mapping, groups, batch.logits_idx,
                           self.pool.k, self.pool.v)
 
     def _forward_impl(self, input_ids, positions, slot_mapping, groups, logits_idx, k_pool, v_pool):
@@ -97,14 +109,13 @@ class ModelRunner:
 
     def _attention(self, q, k_pool, v_pool, groups, n):
         out = None
-        gqa = self.num_heads != self.num_kv_heads
         for tok_idx, kv_idx, mask, causal, out_idx, out_sel in groups:
             b, t = tok_idx.shape
             qg = q[tok_idx].transpose(1, 2)                      # [B, Hq, T, D]
             kg = k_pool[kv_idx].transpose(1, 2)                  # [B, Hk, L, D]
             vg = v_pool[kv_idx].transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=causal, scale=self.scaling,
-                                               enable_gqa=gqa)
+                                               enable_gqa=self.gqa)
             o = o.transpose(1, 2).reshape(b * t, self.num_heads * self.head_dim)
             if out_idx is None:
                 return o

