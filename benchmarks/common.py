@@ -1,0 +1,61 @@
+"""Shared helpers for benchmarks: timing, RSS, JSON + PNG output, HF baselines."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(os.environ.get("TOKENMILL_BENCH_OUT", "results"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def hf_generate_greedy(model, ids: list[int], n: int, **kw) -> tuple[list[int], float]:
+    """HF eager greedy generate of exactly ``n`` new tokens (EOS disabled); returns tokens and seconds."""
+    model.generation_config.eos_token_id = None
+    x = torch.tensor([ids], device=model.device)
+    t0 = time.perf_counter()
+    out = model.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == len(ids) + n
+    return out[0, len(ids):].tolist(), dt
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload, machine=machine(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def bar_chart(name: str, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 3.6))
+    bars = ax.bar(labels, values, color="#4a7ab8")
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    plt.xticks(rotation=15, ha="right")
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
