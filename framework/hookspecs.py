@@ -43,15 +43,18 @@ def init_kv_cache(spec):
 
 
 @hookspec(firstresult=True)
-def allocate_kv(seq, num_new_tokens):
+def allocate_kv(seq, num_new_tokens, num_cached_tokens):
     """Reserve KV slots for ``num_new_tokens`` more tokens of ``seq``.
 
     Called by the engine's KV handle when a scheduler admits or continues a sequence. Must be atomic:
     on failure nothing is reserved.
 
     :param seq: the :class:`tokenmill.sequence.Sequence`; ``seq.num_computed_tokens`` tokens already have
-        KV, slots are needed up to position ``seq.num_computed_tokens + num_new_tokens``.
-    :param num_new_tokens: how many token slots to add.
+        KV, slots are needed up to position ``seq.num_computed_tokens + num_cached_tokens + num_new_tokens``.
+    :param num_new_tokens: how many token slots to add for tokens the model computes this step.
+    :param num_cached_tokens: for a sequence starting from zero, how many leading tokens to take from the
+        prefix cache (a value ``match_prefix`` returned; 0 otherwise). On success the engine counts them as
+        computed.
     :return: :class:`tokenmill.hooktypes.KVAllocation` with the sequence's full block table, or ``False``
         when the pool has no room (nothing reserved; the scheduler may then preempt). None defers to the
         next plugin. First non-None result wins.
@@ -59,10 +62,14 @@ def allocate_kv(seq, num_new_tokens):
 
 
 @hookspec
-def free_kv(seq):
+def free_kv(seq, reusable):
     """Return every KV block ``seq`` holds to the pool (finished, aborted, failed or preempted).
 
+    Must tolerate a sequence that holds nothing (called again, or never allocated by this plugin).
+
     :param seq: the :class:`tokenmill.sequence.Sequence` whose blocks go back.
+    :param reusable: False when the sequence's last step failed, so its blocks' contents must not be kept
+        for prefix reuse.
     :return: None. Every implementation is called.
     """
 
@@ -122,4 +129,25 @@ def step_end(stats):
 
     :param stats: :class:`tokenmill.hooktypes.StepStats` measured for the step.
     :return: None. Every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def match_prefix(seq):
+    """Count the leading tokens of a not-yet-started sequence whose KV the cache already holds.
+
+    Read-only: nothing is reserved until ``allocate_kv`` is called with ``num_cached_tokens``. Only whole
+    blocks count, and at least the last prompt token is always left to compute (its logits are needed).
+
+    :param seq: a :class:`tokenmill.sequence.Sequence` with ``num_computed_tokens == 0``.
+    :return: the number of reusable leading tokens (0 when there is no prefix cache).
+        First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def clear_prefix_cache():
+    """Drop every cached block that no running sequence uses.
+
+    :return: the number of blocks freed (blocks in use are never touched). First non-None result wins.
     """

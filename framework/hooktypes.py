@@ -24,11 +24,15 @@ class KVHandle(Protocol):
     It routes to the ``allocate_kv`` / ``free_kv`` hooks, so a scheduler never knows which KV plugin runs.
     """
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Reserve slots for ``num_new_tokens`` more tokens of ``seq``; False when there is no room."""
+    def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+        """Reserve slots for ``num_new_tokens`` more tokens of ``seq`` (after ``num_cached_tokens`` reused
+        from the prefix cache, for a sequence starting from zero); False when there is no room."""
 
-    def free(self, seq: Sequence) -> None:
-        """Give back every block ``seq`` holds."""
+    def cached_prefix(self, seq: Sequence) -> int:
+        """Leading tokens of a not-yet-started ``seq`` the prefix cache can supply (0 without one)."""
+
+    def free(self, seq: Sequence, reusable: bool = True) -> None:
+        """Give back every block ``seq`` holds (a scheduler preempting a victim frees it at once)."""
 
     def num_free_tokens(self) -> int:
         """Token slots not held by any sequence (cached-but-unused blocks count as free)."""

@@ -30,6 +30,9 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fcfs": "tokenmill.plugins.batching.fcfs:FCFSScheduler",
     "contiguous_kv": "tokenmill.plugins.kv.contiguous:ContiguousKV",
     "sampler": "tokenmill.plugins.sampling.sampler:Sampler",
+    "paged_kv": "tokenmill.plugins.kv.paged:PagedKV",
+    "continuous_batching": "tokenmill.plugins.batching.continuous:ContinuousBatching",
+    "dynamic_batching": "tokenmill.plugins.batching.dynamic:DynamicBatching",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
 DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")

@@ -115,6 +115,10 @@ class Pipeline:
         """Stop a request and free its KV now; its finished chunk comes with the next :meth:`step`."""
         return self.engine.abort(request_id)
 
+    def clear_prefix_cache(self) -> int:
+        """Free cached KV blocks that no running request uses; returns how many (0 without a prefix cache)."""
+        return self.pm.hook.clear_prefix_cache() or 0
+
     def collect(self, request_id: str) -> RequestOutput:
         """The result of a finished request driven with :meth:`submit` / :meth:`step` (forgets it)."""
         return self.engine.pop_finished(request_id)

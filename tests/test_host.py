@@ -127,7 +127,7 @@ def test_builtin_registry_matches_the_declared_entry_points():
 
 def test_firstresult_hooks():
     assert set(FIRSTRESULT_HOOKS) == {"schedule", "init_kv_cache", "allocate_kv", "kv_stats", "quantize_layer",
-                                      "propose_tokens", "verify_tokens"}
+                                      "propose_tokens", "verify_tokens", "match_prefix", "clear_prefix_cache"}
     assert "free_kv" not in FIRSTRESULT_HOOKS and "step_end" not in FIRSTRESULT_HOOKS
 
 

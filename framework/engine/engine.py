@@ -26,16 +26,23 @@ class EngineKV:
         self.hook = hook
         self.block_size = block_size
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        result = self.hook.allocate_kv(seq=seq, num_new_tokens=num_new_tokens)
+    def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+        assert num_cached_tokens == 0 or seq.num_computed_tokens == 0
+        result = self.hook.allocate_kv(seq=seq, num_new_tokens=num_new_tokens, num_cached_tokens=num_cached_tokens)
         assert result is not None, "no plugin answered allocate_kv"
         if result is False:
             return False
         seq.block_table = result.block_table
+        seq.num_computed_tokens += num_cached_tokens
         return True
 
-    def free(self, seq: Sequence) -> None:
-        self.hook.free_kv(seq=seq)
+    def cached_prefix(self, seq: Sequence) -> int:
+        if seq.num_computed_tokens:
+            return 0
+        return self.hook.match_prefix(seq=seq) or 0
+
+    def free(self, seq: Sequence, reusable: bool = True) -> None:
+        self.hook.free_kv(seq=seq, reusable=reusable)
         seq.block_table = []
 
     def num_free_tokens(self) -> int:
@@ -292,7 +299,7 @@ class Engine:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq)
+        self.kv.free(seq, reusable=reason != "error")
         if flush:
             seq.text += seq.detok.flush()
         seq.status = SeqStatus.FINISHED

@@ -59,7 +59,7 @@ class ContiguousKV(Plugin):
         return KVAllocation([row])
 
     @hookimpl(trylast=True)
-    def free_kv(self, seq: Sequence) -> None:
+    def free_kv(self, seq: Sequence, reusable: bool) -> None:
         row = self.rows.pop(seq.seq_id, None)
         self.reserved.pop(seq.seq_id, None)
         if row is not None:
