@@ -270,9 +270,15 @@ def row_tokenmill(cfg: dict, prompts: list[list[int]], which: str) -> dict:
         kvr["max_concurrent_seqs_formula"] = ("pool_bytes / (bytes_per_token * mean sequence length at steady "
                                               "state): every sequence holds only its own tokens (plus < 1 block)")
         blocks_per_seq = mean([s["used_blocks"] / s["running"] for s in steady if s["running"]])
-        kvr["max_concurrent_seqs_block_rounded"] = nb / blocks_per_seq if blocks_per_seq else None
+        kvr["max_concurrent_seqs_by_blocks"] = nb / blocks_per_seq if blocks_per_seq else None
+        kvr["max_concurrent_seqs_by_blocks_formula"] = ("num_blocks / mean(used_blocks / running) at steady state: "
+                                                       "counts partial last blocks and shared prefix blocks once")
         q, h = kv1["prefix_queries_tokens"] - kv0["prefix_queries_tokens"], \
             kv1["prefix_hits_tokens"] - kv0["prefix_hits_tokens"]
+        if h and kvr["unused_slot_fraction_steady"] is not None and kvr["unused_slot_fraction_steady"] < 0:
+            kvr["unused_slot_fraction_note"] = (
+                "negative because used_token_slots counts each sequence's tokens (a shared prefix once per sharer) "
+                "while allocated_token_slots counts physical blocks once; not meaningful with prefix sharing")
         result["prefix_caching"] = kv1["prefix_caching"]
         result["prefix_hit_rate"] = h / q if q else 0.0
         result["prefix_hits_tokens"] = h
@@ -452,19 +458,24 @@ def main() -> None:
         lat, tt = r["latency_s"], r["ttft_s"]
         same = (f"{r['greedy_identical_requests']}/{requests}" if "greedy_identical_requests" in r
                 else "ref" if row == ref_name else "-")
-        print(f"| {r['label']} | {r['tok_per_s']:.1f} | {fmt(r['vs_hf_generate_batch'], '.2f')}x | "
+        print(f"| {r['label']} | {r['tok_per_s']:.1f} | {fmt(r['vs_hf_generate_batch'], '.2f')}{'x' if base_tps else ''} | "
               f"{lat['mean']:.2f} / {lat['p50']:.2f} / {lat['p99']:.2f} | {tt['p50']:.2f} / {tt['p99']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {same} |")
     tm = [(row, r) for row, r in results.items() if r["ok"] and "kv" in r]
     if tm:
         print("\n| tokenmill row | KV unused slots (steady) | peak used blocks | mean seq len (steady) "
-              "| max concurrent seqs in its pool | prefix hit rate | mean TTFT (s) | prefill forward (s) |")
+              "| max concurrent seqs in its pool (by mean length / by blocks in use) | prefix hit rate | mean TTFT (s) "
+              "| prefill forward (s) |")
         print("|---|---|---|---|---|---|---|---|")
         for row, r in tm:
             kv = r["kv"]
-            print(f"| {r['label']} | {fmt(kv['unused_slot_fraction_steady'], '.1%')} | {kv['peak_used_blocks']} "
+            unused = ("n/a (shared blocks)" if "unused_slot_fraction_note" in kv
+                      else fmt(kv["unused_slot_fraction_steady"], ".1%"))
+            fits = fmt(kv["max_concurrent_seqs"], ".0f") + (
+                f" / {fmt(kv['max_concurrent_seqs_by_blocks'], '.0f')}" if "max_concurrent_seqs_by_blocks" in kv else "")
+            print(f"| {r['label']} | {unused} | {kv['peak_used_blocks']} "
                   f"(of {kv['num_blocks']} x {kv['block_size']}) | {fmt(kv['mean_seq_len_steady'], '.0f')} | "
-                  f"{fmt(kv['max_concurrent_seqs'], '.0f')} | {fmt(r.get('prefix_hit_rate'), '.1%', '-')} | "
+                  f"{fits} | {fmt(r.get('prefix_hit_rate'), '.1%', '-')} | "
                   f"{r['ttft_s']['mean']:.2f} | {r['prefill_forward_s']:.2f} |")
     if "kv_capacity_same_budget" in payload:
         c = payload["kv_capacity_same_budget"]
