@@ -105,8 +105,10 @@ def propose_tokens(seqs):
 
     :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
         sequences whose final prefill chunk runs now. After the step all their tokens have KV.
-    :return: a list parallel to ``seqs`` of draft token-id lists (empty for none), or None for no
-        speculation this step. First non-None result wins.
+    :return: a list parallel to ``seqs``, each a :class:`tokenmill.hooktypes.Draft` (tokens and, for a
+        sampling drafter, the distributions they were drawn from) or a plain token-id list (deterministic
+        drafts; empty for none), or None for no speculation this step. The engine reserves KV for the
+        drafts and drops those it cannot place. First non-None result wins.
     """
 
 
@@ -116,8 +118,8 @@ def verify_tokens(batch):
 
     With no drafts this is plain sampling (greedy, temperature, top-k, top-p, per-request seed).
 
-    :param batch: :class:`tokenmill.hooktypes.VerifyInput` with the sequences, their logits rows and
-        drafts.
+    :param batch: :class:`tokenmill.hooktypes.VerifyInput` with the sequences, their logits rows,
+        drafts and draft distributions.
     :return: a list parallel to ``batch.seqs``; each entry the accepted tokens in order (at least one: the
         accepted drafts followed by the target's own next token). First non-None result wins.
     """
@@ -150,4 +152,28 @@ def clear_prefix_cache():
     """Drop every cached block that no running sequence uses.
 
     :return: the number of blocks freed (blocks in use are never touched). First non-None result wins.
+    """
+
+
+@hookspec
+def trim_kv(seq):
+    """Release KV slots past ``seq.num_computed_tokens`` after drafts were rejected (rollback).
+
+    Called after every step in which ``seq`` ran draft tokens. Rows of rejected drafts hold stale K/V; a
+    paged cache returns whole blocks that are no longer needed, a contiguous one just forgets them.
+
+    :param seq: the :class:`tokenmill.sequence.Sequence`, already updated to its accepted tokens.
+    :return: None. Every implementation is called.
+    """
+
+
+@hookspec
+def configure(context):
+    """Learn about the built pipeline, once, after the model is loaded and quantized and the KV pool exists.
+
+    Drafters use it to build their draft model (the target's tokenizer and vocabulary, its weights for a
+    quantized self-draft, the device and limits).
+
+    :param context: :class:`tokenmill.hooktypes.PipelineContext`.
+    :return: None. Every implementation is called.
     """

@@ -118,17 +118,46 @@ class KVAllocation:
 
 
 @dataclass(slots=True)
+class Draft:
+    """Draft tokens proposed for one sequence.
+
+    ``probs`` (``[len(tokens), vocab]``) is the distribution each token was sampled from, after the
+    request's temperature / top-k / top-p; None means the drafter is deterministic (one-hot), as for
+    n-gram lookup or greedy drafting.
+    """
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
 class VerifyInput:
     """Logits for the positions that produce tokens this step, and the drafts they check.
 
     For sequence ``seqs[i]``, rows ``row_start[i] : row_start[i] + 1 + len(drafts[i])`` of ``logits`` are the
     target's distributions after the last accepted token and after each draft token in turn.
+    ``draft_probs[i]`` is the drafter's distribution for each draft token, or None when deterministic.
     """
 
     seqs: list[Sequence]
     logits: torch.Tensor
     row_start: list[int]
     drafts: list[list[int]]
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PipelineContext:
+    """What plugins may know about the built pipeline (given once to ``configure``)."""
+
+    model: object              # the loaded (possibly quantized) transformers model; read it, never mutate it
+    tokenizer: object
+    model_name: str
+    model_path: str
+    device: torch.device
+    dtype: torch.dtype
+    limits: SchedulerLimits
+    kv_spec: KVCacheSpec
 
 
 @dataclass(slots=True)
@@ -146,3 +175,5 @@ class StepStats:
     num_preempted: int
     num_running: int
     num_waiting: int
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0

@@ -33,6 +33,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "paged_kv": "tokenmill.plugins.kv.paged:PagedKV",
     "continuous_batching": "tokenmill.plugins.batching.continuous:ContinuousBatching",
     "dynamic_batching": "tokenmill.plugins.batching.dynamic:DynamicBatching",
+    "prompt_lookup": "tokenmill.plugins.speculative.prompt_lookup:PromptLookup",
+    "speculative": "tokenmill.plugins.speculative.draft_model:Speculative",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
 DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")

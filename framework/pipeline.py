@@ -12,7 +12,7 @@ from tokenmill.engine.outputs import RequestOutput, StreamChunk
 from tokenmill.engine.runner import ModelRunner
 from tokenmill.errors import RequestError
 from tokenmill.host import instantiate, make_plugin_manager
-from tokenmill.hooktypes import SchedulerLimits
+from tokenmill.hooktypes import PipelineContext, SchedulerLimits
 from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
@@ -45,6 +45,9 @@ class Pipeline:
         pool = self.pm.hook.init_kv_cache(spec=kv_spec)
         assert pool is not None, "no plugin answered init_kv_cache"
         self.runner = ModelRunner(model, pool, compile_spec=spec.compile)
+        self.pm.hook.configure(context=PipelineContext(
+            model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
+            device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec))
         self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits,
                              eos_token_ids=self._eos_ids(), seed=spec.seed)
 

@@ -47,3 +47,48 @@ def sample_next(logits: torch.Tensor, params_list: list[SamplingParams],
         if not params.greedy:
             out[row] = draw(filtered_probs(logits[row], params), gen)
     return out
+
+
+def residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+    """The distribution to resample from after a rejected draft: norm(max(0, target - draft))."""
+    r = (target - draft).clamp_min(0.0)
+    total = r.sum()
+    return r / total if total > 0 else target
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
+                  params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+    """Accept a prefix of ``drafts`` and append one token from the target, keeping the target's law exactly.
+
+    :param logits: ``[len(drafts) + 1, vocab]`` target logits, row ``i`` predicting the token after draft
+        ``i - 1`` (row 0 after the last accepted token).
+    :param draft_probs: ``[len(drafts), vocab]`` distributions the drafts were drawn from (after the same
+        temperature / top-k / top-p), or None for deterministic drafts (one-hot).
+    :return: accepted drafts followed by one target token. Greedy: the longest prefix equal to the target's
+        argmax, then the target's argmax. Sampling (Leviathan et al.): accept draft ``x`` with probability
+        ``min(1, p(x) / q(x))``; on rejection draw from ``norm(max(0, p - q))``; if all are accepted draw a
+        bonus token from the last target row.
+    """
+    if params.greedy:
+        best = logits.argmax(-1).tolist()
+        out = []
+        for i, tok in enumerate(drafts):
+            if tok != best[i]:
+                break
+            out.append(tok)
+        out.append(best[len(out)])
+        return out
+    out = []
+    for i, tok in enumerate(drafts):
+        p = filtered_probs(logits[i], params)
+        q = draft_probs[i] if draft_probs is not None else None
+        q_tok = float(q[tok]) if q is not None else 1.0
+        u = float(torch.rand((), generator=generator))
+        if q_tok > 0 and u < min(1.0, float(p[tok]) / q_tok):
+            out.append(tok)
+            continue
+        onehot = q if q is not None else torch.nn.functional.one_hot(torch.tensor(tok), p.shape[-1]).float()
+        out.append(draw(residual(p, onehot), generator))
+        return out
+    out.append(draw(filtered_probs(logits[len(drafts)], params), generator))
+    return out

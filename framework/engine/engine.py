@@ -14,7 +14,7 @@ from tokenmill.engine.outputs import RequestOutput, StreamChunk
 from tokenmill.engine.runner import ModelRunner
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
-from tokenmill.hooktypes import ScheduleInput, SchedulerLimits, StepStats, VerifyInput
+from tokenmill.hooktypes import Draft, ScheduleInput, SchedulerLimits, StepStats, VerifyInput
 from tokenmill.params import SamplingParams
 from tokenmill.sequence import Sequence, SeqStatus
 
@@ -152,7 +152,8 @@ class Engine:
 
         producing = [s for s in plan.scheduled if s.num_new_tokens == s.seq.num_uncomputed_tokens]
         drafts = self._propose([s.seq for s in producing])
-        draft_of = {s.seq.seq_id: d for s, d in zip(producing, drafts)}
+        draft_of = {s.seq.seq_id: d.tokens for s, d in zip(producing, drafts)}
+        probs_of = {s.seq.seq_id: d.probs for s, d in zip(producing, drafts)}
         items = []
         for s in plan.scheduled:
             seq = s.seq
@@ -166,7 +167,8 @@ class Engine:
                                 device=self.runner.device, decode_buckets=self.runner.decode_buckets,
                                 kv_multiple=self.runner.kv_multiple)
             logits = self.runner.forward(batch)
-            verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing])
+            verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing],
+                                 [probs_of[s.seq.seq_id] for s in producing])
             row = 0
             for d in verify.drafts:
                 verify.row_start.append(row)
@@ -179,7 +181,7 @@ class Engine:
             return list(chunks.values())
         forward_s = time.perf_counter() - t_fwd
 
-        generated = 0
+        generated = num_draft = num_accepted = 0
         accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
         for s in plan.scheduled:
             seq = s.seq
@@ -194,14 +196,22 @@ class Engine:
                     raise RuntimeError(f"verify_tokens returned {len(toks)} tokens for "
                                        f"{len(draft_of[seq.seq_id])} drafts (allowed: 1 to drafts + 1)")
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
+                drafted = draft_of[seq.seq_id]
+                if drafted:
+                    num_draft += len(drafted)
+                    num_accepted += len(toks) - 1
+                    self.stats.on_drafts(len(drafted), len(toks) - 1)
                 generated += self._append(seq, toks, chunks)
+                if drafted and not seq.is_finished:
+                    self.hook.trim_kv(seq=seq)
             except Exception as exc:
                 self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
         self.step_count += 1
         num_decode = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
         stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
-                          forward_s, len(plan.preempted), len(self.running), len(self.waiting))
+                          forward_s, len(plan.preempted), len(self.running), len(self.waiting), num_draft,
+                          num_accepted)
         self.stats.on_step(stats)
         try:
             self.hook.step_end(stats=stats)
@@ -216,7 +226,8 @@ class Engine:
                           RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- helpers
-    def _propose(self, seqs: list[Sequence]) -> list[list[int] | None]:
+    def _propose(self, seqs: list[Sequence]) -> list[Draft]:
+        """Ask the drafters; reserve KV for what they propose (dropping drafts that do not fit)."""
         if not seqs:
             return []
         try:
@@ -225,15 +236,16 @@ class Engine:
             self._warn_once("propose_tokens", exc)
             proposals = None
         if proposals is None:
-            return [[] for _ in seqs]
+            return [Draft([]) for _ in seqs]
         out = []
         for seq, d in zip(seqs, proposals):
+            d = d if isinstance(d, Draft) else Draft(list(d or []))
             room = min(seq.params.max_tokens - seq.num_output_tokens - 1,
                        self.limits.max_model_len - seq.num_tokens - 1)
-            d = list(d)[:max(room, 0)]
-            if d and not self.kv.allocate(seq, seq.num_uncomputed_tokens + len(d)):
-                d = []
-            out.append(d)
+            k = min(len(d.tokens), max(room, 0))
+            if k and not self.kv.allocate(seq, seq.num_uncomputed_tokens + k):
+                k = 0
+            out.append(Draft(d.tokens[:k], None if d.probs is None or not k else d.probs[:k]))
         return out
 
     def _append(self, seq: Sequence, toks: list[int], chunks: dict[str, StreamChunk]) -> int:

@@ -20,6 +20,22 @@ class EngineStats:
         self.scheduled_tokens = 0
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, generated, scheduled tokens)
         self.last_step: StepStats | None = None
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
+        self.draft_steps = 0                   # (sequence, step) pairs that ran drafts
+        self.accepted_at: list[int] = []       # accepted_at[i]: drafts accepted at position i
+        self.proposed_at: list[int] = []
+
+    def on_drafts(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens += proposed
+        self.accepted_draft_tokens += accepted
+        self.draft_steps += 1
+        while len(self.proposed_at) < proposed:
+            self.proposed_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(proposed):
+            self.proposed_at[i] += 1
+            self.accepted_at[i] += i < accepted
 
     def on_arrival(self) -> None:
         self.requests_arrived += 1
@@ -55,4 +71,12 @@ class EngineStats:
             "preemptions": self.preemptions,
             "tokens_per_s": gen / span if span > 0 else 0.0,
             "batch_utilization": (sum(r[2] for r in rec) / (len(rec) * self.token_budget)) if rec else 0.0,
+            "spec": {
+                "draft_tokens": self.draft_tokens,
+                "accepted_tokens": self.accepted_draft_tokens,
+                "acceptance_rate": self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0,
+                "acceptance_by_position": [a / p for a, p in zip(self.accepted_at, self.proposed_at)],
+                "mean_tokens_per_step": ((self.accepted_draft_tokens + self.draft_steps) / self.draft_steps
+                                         if self.draft_steps else 0.0),
+            },
         }

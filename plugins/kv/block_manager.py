@@ -140,6 +140,19 @@ class BlockManager:
         self._register_full_blocks(seq_id, token_ids, need_tokens)
         return table
 
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Return blocks past the first ``num_tokens`` tokens (rejected speculative tokens)."""
+        table = self.tables.get(seq_id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        while len(table) > keep:
+            self._release(table.pop(), reusable=False)
+        hashes = self.hashes.get(seq_id)
+        if hashes is not None:
+            del hashes[keep:]
+        self.tokens[seq_id] = min(self.tokens.get(seq_id, 0), num_tokens)
+
     def free(self, seq_id: int, reusable: bool = True) -> None:
         table = self.tables.pop(seq_id, None)
         self.hashes.pop(seq_id, None)

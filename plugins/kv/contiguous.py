@@ -66,6 +66,11 @@ class ContiguousKV(Plugin):
             self.free_rows.append(row)
 
     @hookimpl(trylast=True)
+    def trim_kv(self, seq: Sequence) -> None:
+        if seq.seq_id in self.reserved:  # rows past this hold stale drafts; they are simply overwritten
+            self.reserved[seq.seq_id] = seq.num_computed_tokens
+
+    @hookimpl(trylast=True)
     def kv_stats(self):
         if self.pool is None:
             return None

@@ -103,6 +103,11 @@ class PagedKV(Plugin):
             self.manager.free(seq.seq_id, reusable)
 
     @hookimpl
+    def trim_kv(self, seq: Sequence) -> None:
+        if self.manager is not None:
+            self.manager.trim(seq.seq_id, seq.num_computed_tokens)
+
+    @hookimpl
     def clear_prefix_cache(self):
         return None if self.manager is None else self.manager.clear_cache()
 

@@ -1,0 +1,429 @@
+"""One engine thread per pipeline: the only code that ever touches the :class:`~tokenmill.Pipeline`.
+
+HTTP handlers (on the asyncio event loop) post commands to :class:`EngineWorker` through a thread-safe
+queue: submit, abort, or "run this function on the pipeline" (stats snapshots, cache clearing). The worker
+thread steps the engine while it has work and blocks on the command queue when it has none, so an idle
+server burns no CPU. Results flow back per request through an ``asyncio.Queue`` owned by the handler;
+the worker fills it with ``loop.call_soon_threadsafe``, once per engine step for all the requests of a
+loop (one wake-up of the event loop per step, however many streams are open).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.errors import RequestError
+from tokenmill.params import SamplingParams
+from tokenmill.serve.isolation import FailureIsolation
+
+log = logging.getLogger("tokenmill.serve")
+
+WARMUP_PROMPT = "Hello"
+
+
+# ------------------------------------------------------------------------------------------- items
+# What a handler's queue receives. ``handle`` says which request of the call it belongs to.
+@dataclass(slots=True)
+class Accepted:
+    handle: "RequestHandle"
+
+
+@dataclass(slots=True)
+class Rejected:
+    handle: "RequestHandle"
+    status: int
+    message: str
+
+
+@dataclass(slots=True)
+class Delta:
+    handle: "RequestHandle"
+    text: str
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class Final:
+    """The request is over. ``text`` is the last piece of output not sent in a :class:`Delta`."""
+
+    handle: "RequestHandle"
+    text: str
+    num_tokens: int
+    output: RequestOutput
+    finish_reason: str   # the engine's reason, or the abort reason (cancelled, timeout, shutdown)
+    error: str | None
+
+
+@dataclass(slots=True)
+class Interrupted:
+    """Posted on the event loop itself: the deadline passed or the client went away."""
+
+    handle: "RequestHandle | None"
+    reason: str  # "timeout" | "cancelled"
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    """One engine request, as the service tracks it. Created by a handler, then owned by the worker."""
+
+    request_id: str
+    prompt: Any                      # text, token ids, or chat messages (list of dicts)
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    received: float                  # perf_counter() when the HTTP request arrived
+    index: int = 0                   # position in its HTTP request (batch / several prompts)
+    chat: bool = False               # wrap a text prompt in the chat template
+    fill_max_tokens: bool = False    # max_tokens = whatever room max_model_len leaves after the prompt
+    stream: bool = False             # deliver Delta items (non-streaming calls only get Accepted/Final)
+    # filled in by the worker thread
+    prompt_tokens: int = 0
+    submitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    num_tokens: int = 0
+    done: bool = False               # set on the event loop when the Final item is consumed
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+# ------------------------------------------------------------------------------------------- worker
+class EngineWorker:
+    """Owns one pipeline on a dedicated thread.
+
+    ``source`` is a built :class:`~tokenmill.Pipeline` or a zero-argument factory that builds one (called
+    on the worker thread, so a server can answer ``/health`` while models load). ``state`` goes
+    ``starting -> loading -> warming -> ready`` (or ``failed``), then ``stopped``.
+    """
+
+    def __init__(self, name: str, source: Any, metrics=None, *, warmup: bool = True,
+                 isolate_failures: bool = True) -> None:
+        self.name = name
+        is_pipeline = hasattr(source, "engine") and hasattr(source, "step")
+        self.pipeline = source if is_pipeline else None
+        self._factory: Callable[[], Any] | None = None if is_pipeline else source
+        self.metrics = metrics
+        self.warmup = warmup
+        self.isolate_failures = isolate_failures
+        self.state = "starting"
+        self.error: str | None = None
+        self.limits = self.pipeline.limits if is_pipeline else None
+        self.info: dict | None = None
+        self.ready = threading.Event()
+        # counters read across threads: each is written by one thread only
+        self.posted = 0          # requests handed to submit() (event loop thread)
+        self.received = 0        # requests the worker has taken from the queue (worker thread)
+        self.num_waiting = 0     # engine's waiting queue after the last step / command (worker thread)
+        self.num_running = 0
+        self.mean_latency_s = 1.0  # moving average of finished requests' latency (Retry-After estimate)
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._out: list[tuple[RequestHandle, Any]] = []
+        self._isolation: FailureIsolation | None = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=f"tokenmill-engine-{name}", daemon=True)
+
+    # ------------------------------------------------------------------ API for the event loop thread
+    def start(self) -> None:
+        self.thread.start()
+
+    def queued(self) -> int:
+        """Requests of this pipeline not running yet: posted but not taken, plus the engine's waiting queue."""
+        return max(0, self.posted - self.received) + self.num_waiting
+
+    def submit(self, handles: list[RequestHandle]) -> None:
+        """Queue requests; each handle's queue gets :class:`Accepted` or :class:`Rejected`, then a Final."""
+        self.posted += len(handles)
+        self._cmds.put(("submit", handles))
+
+    def abort(self, request_id: str, reason: str) -> None:
+        self._cmds.put(("abort", request_id, reason))
+
+    def call(self, fn: Callable[[Any], Any]) -> asyncio.Future:
+        """Run ``fn(pipeline)`` on the worker thread between engine steps; await the returned future."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._cmds.put(("call", fn, loop, fut))
+        return fut
+
+    def stop(self) -> None:
+        """Abort whatever is in flight and end the thread (join it with ``thread.join``)."""
+        self._cmds.put(("stop",))
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        try:
+            if self.pipeline is None:
+                self.state = "loading"
+                self.pipeline = self._factory()
+            self.limits = self.pipeline.limits
+            if self.isolate_failures:
+                self._isolation = FailureIsolation(self.pipeline.pm)
+                self.pipeline.pm.register(self._isolation, name=f"tokenmill-serve-isolation-{id(self)}")
+            self.state = "warming"
+            if self.warmup:
+                self._warm_up()
+            self.info = self._describe()
+            self.state = "ready"
+            log.info("pipeline '%s' ready", self.name)
+        except Exception as exc:  # the server keeps running and reports the failure
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("pipeline '%s' failed to start", self.name)
+        finally:
+            self.ready.set()
+        try:
+            self._loop()
+        finally:
+            if self._isolation is not None and self.pipeline is not None:
+                self.pipeline.pm.unregister(self._isolation)
+            self.state = "stopped"
+
+    def _warm_up(self) -> None:
+        """One short generation through the whole path (tokenizer, scheduler, KV, forward, sampler)."""
+        pipe = self.pipeline
+        rid = f"__warmup-{id(self)}__"
+        pipe.submit(WARMUP_PROMPT, SamplingParams(max_tokens=2, ignore_eos=True), request_id=rid)
+        while pipe.engine.has_unfinished():
+            pipe.step()
+            if pipe.engine.idle:
+                time.sleep(0.001)  # the scheduler holds back on purpose (a batching window)
+        out = pipe.collect(rid)
+        if out.finish_reason == "error":
+            raise RuntimeError(f"warm-up generation failed: {out.error}")
+
+    def _describe(self) -> dict:
+        pipe = self.pipeline
+        info = dict(pipe.info())
+        quant = [impl.plugin_name for impl in pipe.pm.hook.quantize_layer.get_hookimpls()]
+        info["quantization"] = {"plugins": quant, "quantized_layers": info.get("quantized_layers", 0)} \
+            if quant else None
+        opts = {}
+        for name, plugin in pipe.plugins.items():
+            o = getattr(plugin, "options", None)
+            opts[name] = dataclasses.asdict(o) if dataclasses.is_dataclass(o) else (None if o is None else repr(o))
+        info["plugins"] = opts
+        info["registered_plugins"] = sorted(n for n, _ in pipe.pm.list_name_plugin()
+                                            if not n.startswith("tokenmill-serve-"))
+        return info
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._iteration()
+            except Exception as exc:  # a bug here must not kill the thread: fail what is in flight
+                log.exception("engine loop of '%s' failed", self.name)
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+            self._flush()
+
+    def _iteration(self) -> None:
+        eng = self.pipeline.engine if self.pipeline is not None and self.state == "ready" else None
+        if eng is None or not eng.has_unfinished():
+            self._publish(eng)
+            self._flush()
+            self._handle(self._cmds.get())  # nothing to compute: sleep until a command arrives
+        while True:  # take every pending command before the next step
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(cmd)
+        if self._stopping or eng is None or not eng.has_unfinished():
+            return
+        try:
+            chunks = self.pipeline.step()
+        except Exception as exc:  # schedule / propose / step_end raised: the step's state is unknown
+            log.exception("engine step of '%s' raised", self.name)
+            self._fail_all(f"{type(exc).__name__}: {exc}")
+            return
+        self._dispatch(chunks)
+        self._publish(eng)
+        if eng.idle and eng.has_unfinished():
+            # the scheduler is holding requests back (e.g. a batching window): wait for a command or
+            # 2 ms, sleeping, rather than stepping in a tight loop
+            self._flush()
+            try:
+                cmd = self._cmds.get(timeout=0.002)
+            except queue.Empty:
+                return
+            self._handle(cmd)
+
+    def _publish(self, eng) -> None:
+        if eng is not None:
+            self.num_waiting = len(eng.waiting)
+            self.num_running = len(eng.running)
+
+    # ------------------------------------------------------------------ commands
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "submit":
+            self._submit(cmd[1])
+        elif kind == "abort":
+            self._abort(cmd[1], cmd[2])
+        elif kind == "call":
+            _, fn, loop, fut = cmd
+            try:
+                if self.state != "ready":
+                    raise RuntimeError(f"pipeline '{self.name}' is {self.state}"
+                                       + (f": {self.error}" if self.error else ""))
+                result, exc = fn(self.pipeline), None
+            except Exception as e:
+                result, exc = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, exc)
+            except RuntimeError:  # that event loop is gone
+                pass
+        elif kind == "stop":
+            self._stopping = True
+            if self.state == "ready":
+                for rid in list(self._handles):
+                    self._abort(rid, "shutdown")
+                self._publish(self.pipeline.engine)
+
+    def _submit(self, handles: list[RequestHandle]) -> None:
+        self.received += len(handles)
+        if self.state != "ready":
+            msg = (f"pipeline '{self.name}' failed to load: {self.error}" if self.state == "failed"
+                   else f"pipeline '{self.name}' is {self.state}")
+            for h in handles:
+                self._out.append((h, Rejected(h, 503, msg)))
+            return
+        pipe = self.pipeline
+        added: list[RequestHandle] = []
+        failed: tuple[int, str] | None = None
+        for i, h in enumerate(handles):
+            try:
+                if isinstance(h.prompt, list) and h.prompt and isinstance(h.prompt[0], dict):
+                    ids = pipe.apply_chat_template(h.prompt)
+                else:
+                    ids = pipe.encode(h.prompt, chat=h.chat)
+                if h.fill_max_tokens:
+                    h.params = dataclasses.replace(h.params, max_tokens=max(1, self.limits.max_model_len - len(ids)))
+                h.prompt_tokens = len(ids)
+                h.submitted = time.perf_counter()
+                pipe.submit(ids, h.params, request_id=h.request_id)
+                added.append(h)
+            except (RequestError, ValueError) as exc:
+                failed = (400, str(exc) if len(handles) == 1 else f"prompt {i}: {exc}")
+            except Exception as exc:
+                log.exception("submitting a request to '%s' failed", self.name)
+                failed = (500, f"{type(exc).__name__}: {exc}")
+            if failed:
+                break
+        if failed:  # all or nothing: a batch is refused as a whole
+            for h in added:
+                pipe.abort(h.request_id)
+                pipe.collect(h.request_id)
+            for h in handles:
+                self._out.append((h, Rejected(h, *failed)))
+            return
+        for h in handles:
+            self._handles[h.request_id] = h
+            self._out.append((h, Accepted(h)))
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        h = self._handles.get(request_id)
+        if h is None:  # finished (or refused) already
+            return
+        self.pipeline.abort(request_id)
+        self._finish(h, "", 0, reason)
+
+    def _fail_all(self, message: str) -> None:
+        if self.pipeline is None:
+            return
+        for rid, h in list(self._handles.items()):
+            try:
+                self.pipeline.abort(rid)
+                self._finish(h, "", 0, "error", error=message)
+            except Exception:
+                self._handles.pop(rid, None)
+                log.exception("could not fail request %s cleanly", rid)
+
+    # ------------------------------------------------------------------ results
+    def _dispatch(self, chunks) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        for chunk in chunks:
+            h = self._handles.get(chunk.request_id)
+            if h is None:  # the final chunk of a request aborted (and collected) earlier
+                continue
+            n = len(chunk.token_ids)
+            if n:
+                if h.first_token is None:
+                    h.first_token = now
+                    if m is not None:
+                        m.ttft.labels(self.name).observe(now - h.received)
+                elif m is not None:
+                    gap = (now - h.last_token) / n
+                    for _ in range(n):
+                        m.itl.labels(self.name).observe(gap)
+                h.last_token = now
+                h.num_tokens += n
+            if chunk.finished:
+                out = chunk.output
+                self._finish(h, chunk.text, n, out.finish_reason if out is not None else "error",
+                             error=out.error if out is not None else "no output", now=now)
+            elif h.stream and (chunk.text or n):
+                self._out.append((h, Delta(h, chunk.text, n)))
+
+    def _finish(self, h: RequestHandle, text: str, n: int, reason: str, *, error: str | None = None,
+                now: float | None = None) -> None:
+        out = self.pipeline.collect(h.request_id)
+        self._handles.pop(h.request_id, None)
+        h.finished = now if now is not None else time.perf_counter()
+        if reason == "error":
+            error = error or out.error
+            if self._isolation is not None:
+                error = self._isolation.errors.pop(h.request_id, error)
+        elif self._isolation is not None:
+            self._isolation.errors.pop(h.request_id, None)
+        latency = h.finished - h.received
+        self.mean_latency_s = 0.8 * self.mean_latency_s + 0.2 * latency
+        m = self.metrics
+        if m is not None:
+            m.requests.labels(self.name, reason).inc()
+            m.prompt_tokens.labels(self.name).inc(h.prompt_tokens)
+            m.generation_tokens.labels(self.name).inc(len(out.token_ids))
+            m.e2e.labels(self.name).observe(latency)
+            if out.queue_s is not None and h.submitted is not None:
+                m.queue.labels(self.name).observe(h.submitted - h.received + out.queue_s)
+        self._out.append((h, Final(h, text, n, out, reason, error)))
+
+    def _flush(self) -> None:
+        """Hand the collected items to their event loops: one call_soon_threadsafe per loop."""
+        if not self._out:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for h, item in self._out:
+            by_loop[h.loop].append((h.queue, item))
+        self._out = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed (server gone); nobody is listening
+                pass

@@ -1,0 +1,157 @@
+"""``speculative``: a draft model proposes k tokens per step; the target verifies them in one forward.
+
+``draft: self_int8 | self_int4 | self_nf4`` quantizes a copy of the target's own weights through the
+quantization plugins (no second model to download); any other value is a model (alias, HF directory,
+.gguf or hub id) that must share the target's tokenizer vocabulary.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.batch import build_batch
+from tokenmill.engine.runner import ModelRunner
+from tokenmill.errors import PipelineError
+from tokenmill.hooktypes import Draft, KVPool, PipelineContext
+from tokenmill.plugin import hookimpl
+from tokenmill.plugins.speculative.base import DrafterPlugin
+from tokenmill.sampling import draw, filtered_probs
+from tokenmill.sequence import Sequence
+
+SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
+
+
+def quantized_copy(model, plugin_name: str, options: dict | None = None):
+    """A deep copy of ``model`` with every Linear replaced through the named quantization plugin."""
+    from tokenmill.host import discover_plugins, instantiate
+    from tokenmill.options import build_options
+
+    catalog = discover_plugins()
+    if plugin_name not in catalog:
+        raise PipelineError(f"self-draft needs the '{plugin_name}' quantization plugin, which is not installed")
+    cls = catalog[plugin_name].load()
+    plugin = instantiate(cls, build_options(cls.Options, options or {}, f"plugin '{plugin_name}'"))
+    draft = copy.deepcopy(model)
+    for name, module in list(draft.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            new = plugin.quantize_layer(name=name, module=module, model_config=draft.config)
+            if new is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(draft.get_submodule(parent) if parent else draft, child, new)
+    return draft
+
+
+class DraftModelRunner:
+    """The draft model with its own KV rows (one per sequence) and bookkeeping of what it has seen."""
+
+    def __init__(self, model, max_seqs: int, max_len: int) -> None:
+        spec = ModelRunner.kv_spec(model, dtype=next(model.parameters()).dtype,
+                                   device=next(model.parameters()).device, max_model_len=max_len,
+                                   max_num_seqs=max_seqs)
+        shape = (max_seqs * max_len, spec.num_kv_heads, spec.head_dim)
+        pool = KVPool([torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)],
+                      [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)],
+                      block_size=max_len, num_blocks=max_seqs)
+        self.runner = ModelRunner(model, pool)
+        self.max_len = max_len
+        self.free_rows = list(range(max_seqs - 1, -1, -1))
+        self.rows: dict[int, tuple[Sequence, int]] = {}
+        self.seen: dict[int, list[int]] = {}  # tokens whose KV the draft cache holds, per sequence
+
+    def _release_finished(self) -> None:
+        for sid, (seq, row) in list(self.rows.items()):
+            if seq.is_finished:
+                del self.rows[sid]
+                self.seen.pop(sid, None)
+                self.free_rows.append(row)
+
+    def propose(self, seqs: list[Sequence], k: int) -> list[Draft]:
+        self._release_finished()
+        active: list[Sequence] = []
+        for seq in seqs:
+            if seq.seq_id not in self.rows:
+                if not self.free_rows:
+                    continue
+                self.rows[seq.seq_id] = (seq, self.free_rows.pop())
+                self.seen[seq.seq_id] = []
+            if seq.num_tokens + k <= self.max_len:
+                active.append(seq)
+        drafts: dict[int, list[int]] = {s.seq_id: [] for s in active}
+        probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in active}
+        if not active:
+            return [Draft([]) for _ in seqs]
+        # 1) catch up: feed every token the draft has not seen (valid prefix kept), sample the first draft
+        items = []
+        for seq in active:
+            seen = self.seen[seq.seq_id]
+            common = 0
+            limit = min(len(seen), seq.num_tokens - 1)
+            while common < limit and seen[common] == seq.token_ids[common]:
+                common += 1
+            new = seq.token_ids[common:]
+            self.seen[seq.seq_id] = list(seq.token_ids)
+            items.append((new, common, [self.rows[seq.seq_id][1]], 1))
+        for step in range(k):
+            logits = self.runner.forward(build_batch(items, self.max_len, window=self.runner.window,
+                                                     device=self.runner.device))
+            items = []
+            for row, seq in enumerate(active):
+                params = seq.params
+                if params.greedy:
+                    tok = int(logits[row].argmax())
+                else:
+                    p = filtered_probs(logits[row], params)
+                    tok = draw(p, seq.generator)
+                    probs[seq.seq_id].append(p)
+                drafts[seq.seq_id].append(tok)
+                if step < k - 1:
+                    pos = seq.num_tokens + step
+                    self.seen[seq.seq_id].append(tok)
+                    items.append(([tok], pos, [self.rows[seq.seq_id][1]], 1))
+        out = []
+        for seq in seqs:
+            if seq.seq_id in drafts:
+                pr = probs[seq.seq_id]
+                out.append(Draft(drafts[seq.seq_id], torch.stack(pr) if pr else None))
+            else:
+                out.append(Draft([]))
+        return out
+
+
+class Speculative(DrafterPlugin):
+    """Draft-model speculative decoding (``draft: self_int4`` by default: the target quantized to int4)."""
+
+    name = "speculative"
+
+    @dataclass(slots=True)
+    class Options(DrafterPlugin.Options):
+        draft: str = "self_int4"
+        draft_quant_options: dict | None = None   # options for the self-draft's quantization plugin
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.runner: DraftModelRunner | None = None
+
+    @hookimpl
+    def configure(self, context: PipelineContext) -> None:
+        opts = self.options
+        if opts.draft in SELF_DRAFTS:
+            model = quantized_copy(context.model, SELF_DRAFTS[opts.draft], opts.draft_quant_options)
+        else:
+            from tokenmill.models.loader import load_model
+
+            loaded = load_model(opts.draft, dtype=str(context.dtype).removeprefix("torch."),
+                                device=str(context.device), progress=False)
+            if loaded.tokenizer.get_vocab() != context.tokenizer.get_vocab():
+                raise PipelineError(
+                    f"draft model '{opts.draft}' does not share the target's tokenizer vocabulary "
+                    f"({len(loaded.tokenizer)} vs {len(context.tokenizer)} tokens); a draft must use the same "
+                    "tokenizer")
+            model = loaded.model
+        self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len)
+
+    def draft(self, seqs: list[Sequence]) -> list[Draft]:
+        assert self.runner is not None, "configure was not called"
+        return self.runner.propose(seqs, self.options.num_speculative_tokens)

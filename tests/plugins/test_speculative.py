@@ -1,0 +1,164 @@
+"""Speculative decoding: exact greedy equality with every drafter, exact sampling law, KV rollback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model, tiny_pipeline_dict
+from tokenmill import Pipeline, SamplingParams
+from tokenmill.plugins.speculative.adaptive import AdaptiveSwitch
+from tokenmill.plugins.speculative.prompt_lookup import lookup
+from tokenmill import sampling
+
+PROMPTS = ["one two three one two three one two", "abc abc abc abc", "x", "The cat sat on the mat. The cat"]
+PAGED = [{"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": 96}}]
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory, tokenizer):
+    """A second random model with the same tokenizer: a weak but valid draft model."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("draft"), tokenizer, num_hidden_layers=1,
+                           hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    return [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
+
+
+def drafters(tiny_llama_dir, other_tiny):
+    return {
+        "prompt_lookup": {"prompt_lookup": {"num_speculative_tokens": 3, "adaptive": False, "min_ngram": 1}},
+        "draft_model_self": {"speculative": {"draft": str(tiny_llama_dir), "adaptive": False}},
+        "draft_model_other": {"speculative": {"draft": str(other_tiny), "num_speculative_tokens": 3,
+                                              "adaptive": False}},
+    }
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model_self", "draft_model_other"])
+@pytest.mark.parametrize("batching", ["fcfs", "continuous"])
+def test_greedy_identical_to_plain(tiny_llama_dir, other_tiny, reference, drafter, batching):
+    plugins = [drafters(tiny_llama_dir, other_tiny)[drafter]] + (PAGED if batching == "continuous" else [])
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    if batching == "fcfs":  # batch 1
+        out = [pipe.generate(p, params)[0].token_ids for p in PROMPTS]
+    else:                   # mixed requests in one continuous batch
+        out = [r.token_ids for r in pipe.generate(PROMPTS, params)]
+    assert out == reference
+    spec = pipe.stats()["spec"]
+    if drafter == "draft_model_self":
+        assert spec["acceptance_rate"] == 1.0 and spec["mean_tokens_per_step"] > 4
+    if drafter != "prompt_lookup":
+        assert spec["draft_tokens"] > 0
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+    if batching == "continuous":
+        pipe.pm.get_plugin("paged_kv").manager.check()
+
+
+def test_rejected_drafts_are_rolled_back_in_paged_kv(tiny_llama_dir, other_tiny):
+    plugins = [drafters(tiny_llama_dir, other_tiny)["draft_model_other"]] + PAGED
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    manager = pipe.pm.get_plugin("paged_kv").manager
+    rid = pipe.submit("roll back please", SamplingParams(max_tokens=12, ignore_eos=True))
+    while pipe.engine.has_unfinished():
+        pipe.step()
+        seq = pipe.engine.requests[rid]
+        if not seq.is_finished:  # never more blocks than the accepted tokens need
+            assert len(manager.tables[seq.seq_id]) == -(-seq.num_computed_tokens // 4)
+        manager.check()
+    spec = pipe.stats()["spec"]
+    assert spec["accepted_tokens"] < spec["draft_tokens"]  # some drafts really were rejected
+
+
+def test_prompt_lookup_finds_latest_longest_match():
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 3, 1, 2, 100) == [7, 1]
+    assert lookup([4, 5, 6], 3, 1, 2, 100) == []
+    assert lookup([5, 1, 5], 2, 1, 3, 100) == [1, 5]
+
+
+# ----------------------------------------------------------------- the sampling law
+V = 12
+
+
+def tables(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    target1 = torch.randn(V, generator=g) * 1.5
+    target2 = torch.randn(V, V, generator=g) * 1.5       # row x: logits of the 2nd token after 1st = x
+    draft1 = torch.randn(V, generator=g)
+    draft2 = torch.randn(V, V, generator=g)
+    return target1, target2, draft1, draft2
+
+
+def emitted_pairs(n: int, params: SamplingParams, seed: int = 0):
+    """Run speculative verification n times with k=2 drafts; return (first, second) token pairs, where a
+    missing second token is drawn the way the next engine step would (from the target)."""
+    t1, t2, d1, d2 = tables(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q1 = sampling.filtered_probs(d1, params)
+    firsts, pairs = [], []
+    for _ in range(n):
+        x1 = sampling.draw(q1, gen)
+        q2 = sampling.filtered_probs(d2[x1], params)
+        x2 = sampling.draw(q2, gen)
+        logits = torch.stack([t1, t2[x1], torch.zeros(V)])
+        out = sampling.verify_drafts(logits, [x1, x2], torch.stack([q1, q2]), params, gen)
+        if len(out) == 1:
+            out.append(sampling.draw(sampling.filtered_probs(t2[out[0]], params), gen))
+        firsts.append(out[0])
+        pairs.append((out[0], out[1]))
+    return firsts, pairs
+
+
+def chi2_stat(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    keep = probs * counts.sum() >= 5  # classes with enough expected mass
+    expected = probs[keep] * counts.sum()
+    observed = counts[keep].float()
+    rest_e = counts.sum() - expected.sum()
+    rest_o = counts.sum() - observed.sum()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    if rest_e >= 5:
+        stat += float((rest_o - rest_e) ** 2 / rest_e)
+    return stat, int(keep.sum())
+
+
+def law_statistics(params: SamplingParams, n: int = 20_000) -> list[tuple[float, int]]:
+    t1, t2, _, _ = tables(0)
+    firsts, pairs = emitted_pairs(n, params)
+    out = [chi2_stat(torch.bincount(torch.tensor(firsts), minlength=V), sampling.filtered_probs(t1, params))]
+    top = max(range(V), key=lambda x: firsts.count(x))  # condition on the most frequent first token
+    seconds = [b for a, b in pairs if a == top]
+    out.append(chi2_stat(torch.bincount(torch.tensor(seconds), minlength=V),
+                         sampling.filtered_probs(t2[top], params)))
+    return out
+
+
+# 99.9th percentile of chi-square with df = classes - 1 (+1 for the lumped rest): generous for <= 13 classes
+CRIT = {d: c for d, c in zip(range(1, 14), [10.8, 13.8, 16.3, 18.5, 20.5, 22.5, 24.3, 26.1, 27.9, 29.6, 31.3,
+                                              32.9, 34.5])}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.8)])
+def test_speculative_sampling_keeps_the_target_law(params):
+    for stat, classes in law_statistics(params):
+        assert stat < CRIT[classes], (stat, classes)
+
+
+def test_law_test_catches_a_sampler_that_skips_residual_resampling(monkeypatch):
+    monkeypatch.setattr(sampling, "residual", lambda target, draft: target)  # the classic bug
+    stats = law_statistics(SamplingParams(temperature=1.0))
+    assert any(stat > 3 * CRIT[classes] for stat, classes in stats), stats
+
+
+def test_adaptive_switch_learns_the_faster_arm():
+    sw = AdaptiveSwitch(min_samples=2)
+    for _ in range(8):
+        on = sw.decide(16)
+        sw.observe(100 if not on else 60, 1.0)  # speculation is slower at batch 16
+    assert sw.decide(16) is False
+    sw.observe(100, 1.0)
+    for _ in range(8):
+        on = sw.decide(2)
+        sw.observe(150 if on else 90, 1.0)
+    assert sw.decide(2) is True
