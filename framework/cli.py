@@ -1,4 +1,4 @@
-"""The ``tokenmill`` command: run, validate, plugins."""
+"""The ``tokenmill`` command: run, serve, validate, plugins."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tokenmill.serve.cli import run_serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY")
+    try:
+        return run_serve(args.pipelines, host=args.host, port=args.port, api_key=api_key or None,
+                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+                         drain_timeout=args.drain_timeout, log_level=args.log_level, progress=not args.quiet)
+    except OSError as exc:  # the address is taken or not ours
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tokenmill.spec import load_spec
 
@@ -70,6 +85,25 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_medusa(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenmill import Pipeline
+    from tokenmill.host import discover_plugins
+
+    catalog = discover_plugins()
+    if "medusa" not in catalog:
+        print("error: the medusa plugin is not available", file=sys.stderr)
+        return 2
+    medusa = catalog["medusa"].load()  # training lives with the plugin, found through the registry
+    pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
+    meta = medusa.train(pipe, Path(args.out), num_heads=args.num_heads, num_layers=args.num_layers,
+                        epochs=args.epochs, max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed,
+                        limit=args.limit, progress=not args.quiet)
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,9 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ignore-eos", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
+    srv = sub.add_parser("serve", help="serve pipelines over HTTP: native and OpenAI-compatible routes, metrics")
+    srv.add_argument("pipelines", nargs="+", help="pipeline YAML files; requests pick one by its `name:`")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
+                                                      "$TOKENMILL_API_KEY; none if unset)")
+    srv.add_argument("--max-queued-requests", type=int, default=1024,
+                     help="requests allowed to wait for a batch slot per pipeline; more get 503 + Retry-After")
+    srv.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds before a request is aborted with 504 (0: never)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    srv.set_defaults(func=_cmd_serve)
     val = sub.add_parser("validate", help="check pipeline files without loading the model")
     val.add_argument("pipelines", nargs="+")
     val.set_defaults(func=_cmd_validate)
+    med = sub.add_parser("train-medusa", help="train Medusa heads on the model's own continuations")
+    med.add_argument("pipeline")
+    med.add_argument("--out", required=True)
+    med.add_argument("--num-heads", type=int, default=4)
+    med.add_argument("--num-layers", type=int, default=1)
+    med.add_argument("--epochs", type=int, default=2)
+    med.add_argument("--max-new-tokens", type=int, default=128)
+    med.add_argument("--lr", type=float, default=1e-3)
+    med.add_argument("--seed", type=int, default=0)
+    med.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    med.add_argument("--quiet", action="store_true")
+    med.set_defaults(func=_cmd_train_medusa)
     plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement")
     plug.set_defaults(func=_cmd_plugins)
     return parser

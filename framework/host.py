@@ -35,6 +35,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "dynamic_batching": "tokenmill.plugins.batching.dynamic:DynamicBatching",
     "prompt_lookup": "tokenmill.plugins.speculative.prompt_lookup:PromptLookup",
     "speculative": "tokenmill.plugins.speculative.draft_model:Speculative",
+    "medusa": "tokenmill.plugins.speculative.medusa:Medusa",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
 DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")

@@ -45,6 +45,7 @@ class Sequence:
     emitted_len: int = 0
     detok: Any = None
     user_data: dict = field(default_factory=dict)
+    last_hidden: Any = None  # final hidden state at the last accepted token (drives Medusa heads)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

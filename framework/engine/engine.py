@@ -183,6 +183,10 @@ class Engine:
 
         generated = num_draft = num_accepted = 0
         accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
+        hidden = self.runner.last_hidden
+        if hidden is not None:
+            for i, s in enumerate(producing):
+                s.seq.last_hidden = hidden[verify.row_start[i] + len(accepted[i]) - 1]
         for s in plan.scheduled:
             seq = s.seq
             if seq.is_finished:

@@ -39,6 +39,7 @@ class ModelRunner:
         self.gqa = bool(self.num_heads != self.num_kv_heads)  # a plain bool: SDPA rejects a SymBool
         self.window = self._sliding_window(cfg)
         self.pool = pool
+        self.last_hidden: torch.Tensor | None = None
         self.device = next(model.parameters()).device
         self.fused = [self._fuse(layer) for layer in self.layers]
         # Compiled path: all-decode steps, padded to batch-size buckets with key length a multiple of
@@ -110,11 +111,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Write the new tokens' K/V into the pool and return logits ``[R, vocab]`` for ``logits_idx``."""
+        """Write the new tokens' K/V into the pool and return logits ``[R, vocab]`` for ``logits_idx``.
+
+        The matching final hidden states (after the last norm) are left in ``last_hidden``.
+        """
         groups = tuple(g.as_tuple() for g in batch.groups)
         impl = self._compiled if (self._compiled is not None and batch.decode_padded) else self._forward_impl
-        return impl(batch.input_ids, batch.positions, batch.slot_mapping, groups, batch.logits_idx,
-                          self.pool.k, self.pool.v)
+        logits, hidden = impl(batch.input_ids, batch.positions, batch.slot_mapping, groups, batch.logits_idx,
+                              self.pool.k, self.pool.v)
+        self.last_hidden = hidden  # final (normed) hidden states of the logits rows, for Medusa-style heads
+        return logits
 
     def _forward_impl(self, input_ids, positions, slot_mapping, groups, logits_idx, k_pool, v_pool):
         n = input_ids.shape[0]
@@ -147,7 +153,7 @@ class ModelRunner:
             else:
                 h = h + layer.mlp(x)
         h = self.norm(h.index_select(0, logits_idx))
-        return self.lm_head(h).float()
+        return self.lm_head(h).float(), h
 
     def _attention(self, q, k_pool, v_pool, groups, n):
         out = None

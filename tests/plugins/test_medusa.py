@@ -1,0 +1,61 @@
+"""Medusa heads: training round trip, exact greedy decoding, typical acceptance, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_pipeline_dict
+from tokenmill import Pipeline, PipelineError, SamplingParams
+from tokenmill.plugins.speculative.medusa import Medusa, MedusaHeads, typical_accept
+
+PROMPTS = ["a b c d a b c d a b", "hello world", "x"]
+
+
+@pytest.fixture(scope="module")
+def trained_heads(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medusa")
+    base = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    meta = Medusa.train(base, out, num_heads=3, epochs=1, max_new_tokens=16, limit=8, progress=False)
+    assert meta["positions"] > 50 and len(meta["top1_accuracy_per_head"]) == 3
+    return out
+
+
+def test_zero_initialised_heads_start_as_identity():
+    heads = MedusaHeads(16, 3)
+    h = torch.randn(5, 16)
+    assert torch.equal(heads(h), h.expand(3, 5, 16))
+
+
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+def test_greedy_identical_with_medusa(tiny_llama_dir, trained_heads, acceptance):
+    base = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    ref = [r.token_ids for r in base.generate(PROMPTS, params)]
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+        {"medusa": {"heads": str(trained_heads), "adaptive": False, "acceptance": acceptance}}]), progress=False)
+    assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == ref
+    assert pipe.stats()["spec"]["draft_tokens"] > 0
+    sampled = pipe.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True))
+    assert all(len(r.token_ids) == 10 for r in sampled)
+
+
+def test_typical_acceptance_rule():
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    from tokenmill import SamplingParams as SP
+
+    gen = torch.Generator().manual_seed(0)
+    # confident row 0 accepts its mode; flat row 1 (p = 0.25 each, H = ln 4) accepts anything above
+    # min(0.09, 0.3 * exp(-ln 4)) = 0.075
+    assert typical_accept(logits, [0, 3], SP(temperature=1.0), gen, 0.09, 0.3)[:2] == [0, 3]
+    out = typical_accept(logits, [2], SP(temperature=1.0), gen, 0.09, 0.3)  # p(2) in row 0 is tiny: reject
+    assert len(out) == 1
+
+
+def test_heads_for_another_model_are_rejected(tiny_llama_dir, tmp_path):
+    MedusaHeads(32, 2).save(tmp_path, {"vocab_size": 49152})
+    with pytest.raises(PipelineError, match="hidden size 32"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"medusa": {"heads": str(tmp_path)}}]),
+                           progress=False)
+    with pytest.raises(PipelineError, match="train-medusa"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"medusa": {"heads": str(tmp_path / "x")}}]),
+                           progress=False)
