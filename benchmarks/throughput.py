@@ -453,12 +453,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row, r in results.items():
         if not r["ok"]:
-            print(f"| {r['label']} | error: {r['error'][:200]} | | | | {r['peak_rss_mb']:.0f} | |")
+            err = r["error"][:200].replace("|", "/").replace("\n", " ")
+            print(f"| {r['label']} | error: {err} | | | | {r['peak_rss_mb']:.0f} | |")
             continue
         lat, tt = r["latency_s"], r["ttft_s"]
         same = (f"{r['greedy_identical_requests']}/{requests}" if "greedy_identical_requests" in r
                 else "ref" if row == ref_name else "-")
-        print(f"| {r['label']} | {r['tok_per_s']:.1f} | {fmt(r['vs_hf_generate_batch'], '.2f')}{'x' if base_tps else ''} | "
+        ratio = fmt(r["vs_hf_generate_batch"], ".2f") + ("x" if base_tps else "")
+        print(f"| {r['label']} | {r['tok_per_s']:.1f} | {ratio} | "
               f"{lat['mean']:.2f} / {lat['p50']:.2f} / {lat['p99']:.2f} | {tt['p50']:.2f} / {tt['p99']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {same} |")
     tm = [(row, r) for row, r in results.items() if r["ok"] and "kv" in r]
@@ -471,8 +473,9 @@ def main() -> None:
             kv = r["kv"]
             unused = ("n/a (shared blocks)" if "unused_slot_fraction_note" in kv
                       else fmt(kv["unused_slot_fraction_steady"], ".1%"))
-            fits = fmt(kv["max_concurrent_seqs"], ".0f") + (
-                f" / {fmt(kv['max_concurrent_seqs_by_blocks'], '.0f')}" if "max_concurrent_seqs_by_blocks" in kv else "")
+            fits = fmt(kv["max_concurrent_seqs"], ".0f")
+            if "max_concurrent_seqs_by_blocks" in kv:
+                fits += " / " + fmt(kv["max_concurrent_seqs_by_blocks"], ".0f")
             print(f"| {r['label']} | {unused} | {kv['peak_used_blocks']} "
                   f"(of {kv['num_blocks']} x {kv['block_size']}) | {fmt(kv['mean_seq_len_steady'], '.0f')} | "
                   f"{fits} | {fmt(r.get('prefix_hit_rate'), '.1%', '-')} | "

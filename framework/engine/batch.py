@@ -110,10 +110,13 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
     seq_of_tok = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
     pos = torch.tensor(starts)[seq_of_tok] + (torch.arange(acc) - torch.tensor(offsets)[seq_of_tok])
     slots = bt[seq_of_tok, pos // block_size] * block_size + pos % block_size
-    decode = [i for i, n in enumerate(counts) if n == 1]
-    prefill = [i for i, n in enumerate(counts) if n > 1]
+    # attention groups: decodes together; prefill chunks bucketed by length (power of two) so a short
+    # chunk is not padded to the longest one in the step
+    buckets: dict[int, list[int]] = {}
+    for i, n in enumerate(counts):
+        buckets.setdefault(0 if n == 1 else max(n - 1, 1).bit_length(), []).append(i)
     groups = []
-    for members in (decode, prefill):
+    for _, members in sorted(buckets.items()):
         if members:
             groups.append(_group(members, [starts[i] for i in members], [counts[i] for i in members],
                                  [offsets[i] for i in members], bt, block_size, window,

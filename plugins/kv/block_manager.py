@@ -137,7 +137,9 @@ class BlockManager:
         for _ in range(max(need_blocks, 0)):
             table.append(self._take())
         self.tokens[seq_id] = need_tokens
-        self._register_full_blocks(seq_id, token_ids, need_tokens)
+        # only blocks whose K/V already exist are offered for reuse; the ones this step computes are
+        # registered on the sequence's next allocation or when it is freed after a successful step
+        self._register_full_blocks(seq_id, token_ids, num_computed + num_cached)
         return table
 
     def trim(self, seq_id: int, num_tokens: int) -> None:
@@ -153,7 +155,11 @@ class BlockManager:
             del hashes[keep:]
         self.tokens[seq_id] = min(self.tokens.get(seq_id, 0), num_tokens)
 
-    def free(self, seq_id: int, reusable: bool = True) -> None:
+    def free(self, seq_id: int, reusable: bool = True, token_ids: list[int] | None = None,
+             num_computed: int = 0) -> None:
+        """Release a sequence's blocks; with ``reusable``, first cache its full blocks of computed tokens."""
+        if reusable and token_ids is not None and seq_id in self.tables:
+            self._register_full_blocks(seq_id, token_ids, num_computed)
         table = self.tables.pop(seq_id, None)
         self.hashes.pop(seq_id, None)
         self.tokens.pop(seq_id, None)
@@ -172,6 +178,17 @@ class BlockManager:
             freed += 1
         self.evictable.clear()
         return freed
+
+    def used_slots(self) -> int:
+        """Token slots holding K/V of live sequences, each physical block counted once (shared prefixes)."""
+        filled: dict[int, int] = {}
+        for sid, table in self.tables.items():
+            n = self.tokens.get(sid, 0)
+            for i, bid in enumerate(table):
+                f = min(self.block_size, max(0, n - i * self.block_size))
+                if f > filled.get(bid, 0):
+                    filled[bid] = f
+        return sum(filled.values())
 
     def check(self) -> None:
         """Invariant check (tests): ref counts equal table references, no block both free and used."""

@@ -100,7 +100,7 @@ class PagedKV(Plugin):
     @hookimpl
     def free_kv(self, seq: Sequence, reusable: bool) -> None:
         if self.manager is not None:
-            self.manager.free(seq.seq_id, reusable)
+            self.manager.free(seq.seq_id, reusable, seq.token_ids, seq.num_computed_tokens)
 
     @hookimpl
     def trim_kv(self, seq: Sequence) -> None:
@@ -122,7 +122,7 @@ class PagedKV(Plugin):
             "used_blocks": used, "free_blocks": m.num_free, "cached_blocks": len(m.evictable),
             "usage": used / m.num_blocks,
             "allocated_token_slots": used * m.block_size,
-            "used_token_slots": sum(m.tokens.values()),
+            "used_token_slots": m.used_slots(),
             "pool_bytes": self.pool.nbytes,
             "prefix_caching": m.prefix_caching,
             "prefix_queries_tokens": m.queries, "prefix_hits_tokens": m.hits,
