@@ -104,6 +104,38 @@ def _cmd_train_medusa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from tokenmill import Pipeline
+    from tokenmill.plugins.quant.checkpoint import save_quantized
+
+    pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
+    manifest, yaml_path = save_quantized(pipe, args.out, source_yaml=args.pipeline)
+    info = pipe.info()
+    print(f"wrote {manifest.parent}: {len(pipe.quantized_layers)} quantized layers, "
+          f"{info['weight_bytes'] / 2**20:.1f} MiB of weights as loaded; load it with {yaml_path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tokenmill import Pipeline
+    from tokenmill.evaluate import pipeline_perplexity
+
+    pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
+    tick = None if args.quiet else (lambda done, total: print(f"\r{done}/{total} tokens", end="", file=sys.stderr))
+    res = pipeline_perplexity(pipe, num_tokens=args.tokens, window=args.window, stride=args.stride, progress=tick)
+    if tick:
+        print(file=sys.stderr)
+    print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens ({res['windows']} windows of "
+          f"{res['window']}, stride {res['stride']}) on {res['text']} | {res['pipeline']} "
+          f"({res['model']}, {res['quantized_layers']} quantized layers) | {res['seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(res, fh, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     med.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     med.add_argument("--quiet", action="store_true")
     med.set_defaults(func=_cmd_train_medusa)
+    quant = sub.add_parser("quantize", help="quantize a pipeline's model once and save it (load with `load: DIR`)")
+    quant.add_argument("pipeline", help="a pipeline with one quantization plugin (int8, int4 or nf4)")
+    quant.add_argument("--out", required=True, help="directory for manifest.json, quantized.safetensors and a "
+                                                    "pipeline.yaml that loads them")
+    quant.add_argument("--quiet", action="store_true")
+    quant.set_defaults(func=_cmd_quantize)
+    ev = sub.add_parser("eval", help="measure model quality")
+    ev_sub = ev.add_subparsers(dest="metric", required=True)
+    ppl = ev_sub.add_parser("perplexity", help="perplexity on held-out English shipped with Python "
+                                               "(pydoc_data.topics), through the pipeline's loaded model")
+    ppl.add_argument("pipeline")
+    ppl.add_argument("--tokens", type=int, default=20480, help="scored tokens (a fixed slice; default 20480)")
+    ppl.add_argument("--window", type=int, default=1024, help="tokens per forward window")
+    ppl.add_argument("--stride", type=int, default=512, help="tokens the window advances by")
+    ppl.add_argument("--json", default=None, help="also write the result to this JSON file")
+    ppl.add_argument("--quiet", action="store_true")
+    ppl.set_defaults(func=_cmd_eval)
     plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement")
     plug.set_defaults(func=_cmd_plugins)
     return parser

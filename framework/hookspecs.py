@@ -89,7 +89,9 @@ def quantize_layer(name, module, model_config):
     """Replace one layer of the freshly loaded model with a quantized (or otherwise rewritten) module.
 
     Called at load time for every ``torch.nn.Linear`` of the model, the LM head included (``lm_head``; when
-    it is tied to the input embedding, replacing it unties the two), before the model runner is built.
+    it is tied to the input embedding, replacing it unties the two), and for the input ``torch.nn.Embedding``
+    (``model.embed_tokens``, offered before ``lm_head``; a replacement maps token ids ``[...]`` to
+    ``[..., hidden]``), before the model runner is built.
 
     :param name: the module's qualified name, e.g. ``model.layers.3.mlp.up_proj`` or ``lm_head``.
     :param module: the module as loaded.

@@ -36,6 +36,9 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "prompt_lookup": "tokenmill.plugins.speculative.prompt_lookup:PromptLookup",
     "speculative": "tokenmill.plugins.speculative.draft_model:Speculative",
     "medusa": "tokenmill.plugins.speculative.medusa:Medusa",
+    "int8": "tokenmill.plugins.quant.int8:Int8",
+    "int4": "tokenmill.plugins.quant.int4:Int4",
+    "nf4": "tokenmill.plugins.quant.nf4:NF4",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
 DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")

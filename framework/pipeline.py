@@ -65,7 +65,7 @@ class Pipeline:
             return []
         replaced = []
         for name, module in list(model.named_modules()):
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 continue
             new = self.pm.hook.quantize_layer(name=name, module=module, model_config=model.config)
             if new is not None and new is not module:

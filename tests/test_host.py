@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 BUILTIN_HOOKS = {
     "fcfs": ["schedule"],
-    "contiguous_kv": ["allocate_kv", "free_kv", "init_kv_cache", "kv_stats"],
+    "contiguous_kv": ["allocate_kv", "free_kv", "init_kv_cache", "kv_stats", "trim_kv"],
     "sampler": ["verify_tokens"],
 }
 

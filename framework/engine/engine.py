@@ -173,12 +173,11 @@ class Engine:
             for d in verify.drafts:
                 verify.row_start.append(row)
                 row += 1 + len(d)
-            accepted = self.hook.verify_tokens(batch=verify) if producing else []
-            assert accepted is not None or not producing, "no plugin answered verify_tokens"
-        except Exception as exc:  # a failing step fails its requests, never the engine
+        except Exception as exc:  # a failing forward fails its step's requests, never the engine
             for s in plan.scheduled:
                 self._finish(s.seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
             return list(chunks.values())
+        accepted = self._verify(verify, chunks) if producing else []
         forward_s = time.perf_counter() - t_fwd
 
         generated = num_draft = num_accepted = 0
@@ -186,7 +185,8 @@ class Engine:
         hidden = self.runner.last_hidden
         if hidden is not None:
             for i, s in enumerate(producing):
-                s.seq.last_hidden = hidden[verify.row_start[i] + len(accepted[i]) - 1]
+                if accepted[i]:
+                    s.seq.last_hidden = hidden[verify.row_start[i] + len(accepted[i]) - 1]
         for s in plan.scheduled:
             seq = s.seq
             if seq.is_finished:
@@ -222,6 +222,27 @@ class Engine:
         except Exception as exc:  # an observer must not break serving
             self._warn_once("step_end", exc)
         return list(chunks.values())
+
+    def _verify(self, verify: VerifyInput, chunks: dict[str, StreamChunk]) -> list[list[int]]:
+        """Run ``verify_tokens``; if it raises, retry sequence by sequence so only the culprit fails."""
+        try:
+            accepted = self.hook.verify_tokens(batch=verify)
+            assert accepted is not None, "no plugin answered verify_tokens"
+            return accepted
+        except Exception:
+            pass
+        accepted = []
+        for i, seq in enumerate(verify.seqs):
+            n = 1 + len(verify.drafts[i])
+            start = verify.row_start[i]
+            one = VerifyInput([seq], verify.logits[start:start + n], [0], [verify.drafts[i]],
+                              [verify.draft_probs[i]] if verify.draft_probs else [])
+            try:
+                accepted.append(self.hook.verify_tokens(batch=one)[0])
+            except Exception as exc:
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+                accepted.append([])
+        return accepted
 
     def _warn_once(self, hook: str, exc: Exception) -> None:
         if hook not in self._warned:

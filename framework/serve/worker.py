@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.errors import RequestError
+from tokenmill.errors import ModelLoadError, PipelineError, RequestError
 from tokenmill.params import SamplingParams
-from tokenmill.serve.isolation import FailureIsolation
 
 log = logging.getLogger("tokenmill.serve")
 
@@ -117,15 +117,13 @@ class EngineWorker:
     ``starting -> loading -> warming -> ready`` (or ``failed``), then ``stopped``.
     """
 
-    def __init__(self, name: str, source: Any, metrics=None, *, warmup: bool = True,
-                 isolate_failures: bool = True) -> None:
+    def __init__(self, name: str, source: Any, metrics=None, *, warmup: bool = True) -> None:
         self.name = name
         is_pipeline = hasattr(source, "engine") and hasattr(source, "step")
         self.pipeline = source if is_pipeline else None
         self._factory: Callable[[], Any] | None = None if is_pipeline else source
         self.metrics = metrics
         self.warmup = warmup
-        self.isolate_failures = isolate_failures
         self.state = "starting"
         self.error: str | None = None
         self.limits = self.pipeline.limits if is_pipeline else None
@@ -140,8 +138,11 @@ class EngineWorker:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         self._out: list[tuple[RequestHandle, Any]] = []
-        self._isolation: FailureIsolation | None = None
         self._stopping = False
+        self._m = None if metrics is None else {
+            "ttft": metrics.ttft.labels(name), "itl": metrics.itl.labels(name), "e2e": metrics.e2e.labels(name),
+            "queue": metrics.queue.labels(name), "prompt": metrics.prompt_tokens.labels(name),
+            "gen": metrics.generation_tokens.labels(name)}
         self.thread = threading.Thread(target=self._run, name=f"tokenmill-engine-{name}", daemon=True)
 
     # ------------------------------------------------------------------ API for the event loop thread
@@ -149,7 +150,8 @@ class EngineWorker:
         self.thread.start()
 
     def queued(self) -> int:
-        """Requests of this pipeline not running yet: posted but not taken, plus the engine's waiting queue."""
+        """Requests of this pipeline not running yet: posted but not taken, plus the engine's waiting queue
+        (as of the last step or submission; may count a request twice for an instant, never zero times)."""
         return max(0, self.posted - self.received) + self.num_waiting
 
     def submit(self, handles: list[RequestHandle]) -> None:
@@ -182,9 +184,6 @@ class EngineWorker:
                 self.state = "loading"
                 self.pipeline = self._factory()
             self.limits = self.pipeline.limits
-            if self.isolate_failures:
-                self._isolation = FailureIsolation(self.pipeline.pm)
-                self.pipeline.pm.register(self._isolation, name=f"tokenmill-serve-isolation-{id(self)}")
             self.state = "warming"
             if self.warmup:
                 self._warm_up()
@@ -194,14 +193,15 @@ class EngineWorker:
         except Exception as exc:  # the server keeps running and reports the failure
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("pipeline '%s' failed to start", self.name)
+            if isinstance(exc, (ModelLoadError, PipelineError)):  # messages meant for people: no traceback
+                log.error("pipeline '%s' failed to start: %s", self.name, exc)
+            else:
+                log.exception("pipeline '%s' failed to start", self.name)
         finally:
             self.ready.set()
         try:
             self._loop()
         finally:
-            if self._isolation is not None and self.pipeline is not None:
-                self.pipeline.pm.unregister(self._isolation)
             self.state = "stopped"
 
     def _warm_up(self) -> None:
@@ -230,7 +230,7 @@ class EngineWorker:
         info["plugins"] = opts
         info["registered_plugins"] = sorted(n for n, _ in pipe.pm.list_name_plugin()
                                             if not n.startswith("tokenmill-serve-"))
-        return info
+        return json.loads(json.dumps(info, default=str))  # plain JSON values (paths, dtypes become strings)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -306,7 +306,16 @@ class EngineWorker:
                 self._publish(self.pipeline.engine)
 
     def _submit(self, handles: list[RequestHandle]) -> None:
-        self.received += len(handles)
+        try:
+            self._add(handles)
+        finally:
+            # publish the engine's queue before counting the handles as received, so that a reader on another
+            # thread may count them twice for a moment (refusing conservatively) but never misses them
+            if self.pipeline is not None and self.state == "ready":
+                self._publish(self.pipeline.engine)
+            self.received += len(handles)
+
+    def _add(self, handles: list[RequestHandle]) -> None:
         if self.state != "ready":
             msg = (f"pipeline '{self.name}' failed to load: {self.error}" if self.state == "failed"
                    else f"pipeline '{self.name}' is {self.state}")
@@ -350,8 +359,16 @@ class EngineWorker:
         h = self._handles.get(request_id)
         if h is None:  # finished (or refused) already
             return
-        self.pipeline.abort(request_id)
+        eng = self.pipeline.engine
+        self.pipeline.abort(request_id)  # frees its KV now
         self._finish(h, "", 0, reason)
+        if not eng.has_unfinished():
+            # the engine keeps the aborted request's last chunk for its next step; with nothing left to run,
+            # take it now (a step with nothing to schedule computes nothing) so no request state lingers
+            try:
+                self.pipeline.step()
+            except Exception:
+                log.exception("flushing the engine of '%s' after an abort failed", self.name)
 
     def _fail_all(self, message: str) -> None:
         if self.pipeline is None:
@@ -367,7 +384,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ results
     def _dispatch(self, chunks) -> None:
         now = time.perf_counter()
-        m = self.metrics
+        m = self._m
         for chunk in chunks:
             h = self._handles.get(chunk.request_id)
             if h is None:  # the final chunk of a request aborted (and collected) earlier
@@ -377,11 +394,11 @@ class EngineWorker:
                 if h.first_token is None:
                     h.first_token = now
                     if m is not None:
-                        m.ttft.labels(self.name).observe(now - h.received)
+                        m["ttft"].observe(now - h.received)
                 elif m is not None:
                     gap = (now - h.last_token) / n
                     for _ in range(n):
-                        m.itl.labels(self.name).observe(gap)
+                        m["itl"].observe(gap)
                 h.last_token = now
                 h.num_tokens += n
             if chunk.finished:
@@ -398,20 +415,16 @@ class EngineWorker:
         h.finished = now if now is not None else time.perf_counter()
         if reason == "error":
             error = error or out.error
-            if self._isolation is not None:
-                error = self._isolation.errors.pop(h.request_id, error)
-        elif self._isolation is not None:
-            self._isolation.errors.pop(h.request_id, None)
         latency = h.finished - h.received
         self.mean_latency_s = 0.8 * self.mean_latency_s + 0.2 * latency
-        m = self.metrics
+        m = self._m
         if m is not None:
-            m.requests.labels(self.name, reason).inc()
-            m.prompt_tokens.labels(self.name).inc(h.prompt_tokens)
-            m.generation_tokens.labels(self.name).inc(len(out.token_ids))
-            m.e2e.labels(self.name).observe(latency)
+            self.metrics.requests.labels(self.name, reason).inc()
+            m["prompt"].inc(h.prompt_tokens)
+            m["gen"].inc(len(out.token_ids))
+            m["e2e"].observe(latency)
             if out.queue_s is not None and h.submitted is not None:
-                m.queue.labels(self.name).observe(h.submitted - h.received + out.queue_s)
+                m["queue"].observe(h.submitted - h.received + out.queue_s)
         self._out.append((h, Final(h, text, n, out, reason, error)))
 
     def _flush(self) -> None:

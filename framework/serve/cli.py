@@ -1,0 +1,53 @@
+"""``tokenmill serve``: check the pipeline files, bind, load the models on their engine threads, serve."""
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+from tokenmill.errors import PipelineError
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(paths: list[str], *, host: str, port: int, api_key: str | None, max_queued_requests: int,
+              request_timeout: float, drain_timeout: float, log_level: str = "info", progress: bool = True) -> int:
+    from tokenmill.pipeline import Pipeline
+    from tokenmill.serve.server import serve
+    from tokenmill.serve.service import ServeConfig
+    from tokenmill.spec import load_spec
+
+    if max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {max_queued_requests}")
+    if request_timeout < 0 or drain_timeout < 0:
+        raise ValueError("--request-timeout and --drain-timeout must be >= 0")
+    specs = [load_spec(p) for p in paths]  # every file is checked before anything loads or binds
+    pipelines: list[tuple[str, object]] = []
+    seen: dict[str, str] = {}
+    for path, spec in zip(paths, specs):
+        if spec.name in seen:
+            raise PipelineError(f"pipeline name '{spec.name}' is used by {seen[spec.name]} and {path}; "
+                                "requests pick a pipeline by name, so give each a unique `name:`")
+        seen[spec.name] = path
+        pipelines.append((spec.name, lambda spec=spec: Pipeline(spec, progress=progress)))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = _bind(host, port)
+    names = ", ".join(seen)
+    print(f"[tokenmill] serving {names} on http://{host}:{port} (loading; GET /ready answers 200 when warm)",
+          file=sys.stderr)
+    config = ServeConfig(api_key=api_key, max_queued_requests=max_queued_requests,
+                         request_timeout=request_timeout or None, drain_timeout=drain_timeout)
+    server = serve(pipelines, host=host, port=port, sock=sock, config=config, log_level=log_level,
+                   exit_on_load_failure=True)
+    return 1 if server.load_failed else 0

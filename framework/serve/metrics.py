@@ -1,0 +1,131 @@
+"""Prometheus metrics of the service, in a registry of its own (never the process-global one).
+
+Per-request metrics (outcomes, tokens, latency histograms) are recorded by the engine threads as requests
+produce tokens and finish. Engine state (running / waiting requests, KV usage, prefix-cache counters,
+preemptions, batch utilization, speculative decoding) is read from ``Pipeline.stats()`` on each engine
+thread when ``/metrics`` is scraped, so every value is measured at scrape time.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+                   45.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0)
+
+# Keys a speculative-decoding plugin is expected to put under ``Pipeline.stats()["spec"]`` (first found wins).
+SPEC_DRAFT_KEYS = ("draft_tokens", "num_draft_tokens", "proposed_tokens")
+SPEC_ACCEPTED_KEYS = ("accepted_tokens", "num_accepted_tokens")
+
+
+def _first(d: dict, keys: tuple[str, ...]) -> float:
+    for k in keys:
+        if k in d:
+            return float(d[k])
+    return 0.0
+
+
+class EngineCollector:
+    """Turns the latest ``Pipeline.stats()`` snapshot of each pipeline into metric families."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, dict] = {}
+        self.states: dict[str, str] = {}
+        self.queued: dict[str, int] = {}
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        running = GaugeMetricFamily("tokenmill_num_requests_running", "Requests in the running batch.",
+                                    labels=["pipeline"])
+        waiting = GaugeMetricFamily("tokenmill_num_requests_waiting",
+                                    "Requests waiting for a batch slot (engine queue, preempted included).",
+                                    labels=["pipeline"])
+        queued = GaugeMetricFamily("tokenmill_num_requests_queued",
+                                   "Requests not running yet, as counted against --max-queued-requests.",
+                                   labels=["pipeline"])
+        kv_usage = GaugeMetricFamily("tokenmill_kv_cache_usage_perc", "Share of KV blocks held by requests (0-1).",
+                                     labels=["pipeline"])
+        kv_used = GaugeMetricFamily("tokenmill_kv_cache_used_blocks", "KV blocks held by requests.",
+                                    labels=["pipeline"])
+        kv_total = GaugeMetricFamily("tokenmill_kv_cache_blocks", "KV blocks in the pool.", labels=["pipeline"])
+        kv_cached = GaugeMetricFamily("tokenmill_prefix_cache_cached_blocks",
+                                      "Blocks kept for prefix reuse that no request holds.", labels=["pipeline"])
+        pq = CounterMetricFamily("tokenmill_prefix_cache_queries",
+                                 "Prompt tokens looked up in the prefix cache.", labels=["pipeline"])
+        ph = CounterMetricFamily("tokenmill_prefix_cache_hits",
+                                 "Prompt tokens found in the prefix cache.", labels=["pipeline"])
+        pre = CounterMetricFamily("tokenmill_num_preemptions", "Requests preempted (KV freed, recomputed later).",
+                                  labels=["pipeline"])
+        util = GaugeMetricFamily("tokenmill_batch_utilization",
+                                 "Scheduled tokens / step token budget over the engine's recent steps (0-1).",
+                                 labels=["pipeline"])
+        tps = GaugeMetricFamily("tokenmill_generation_tokens_per_second",
+                                "Generated tokens per second over the engine's recent steps.", labels=["pipeline"])
+        steps = CounterMetricFamily("tokenmill_engine_steps", "Engine steps run.", labels=["pipeline"])
+        sd = CounterMetricFamily("tokenmill_spec_decode_num_draft_tokens",
+                                 "Draft tokens proposed by speculative decoding.", labels=["pipeline"])
+        sa = CounterMetricFamily("tokenmill_spec_decode_num_accepted_tokens",
+                                 "Draft tokens accepted by speculative decoding.", labels=["pipeline"])
+        ready = GaugeMetricFamily("tokenmill_pipeline_ready", "1 when the pipeline is loaded and warmed up.",
+                                  labels=["pipeline"])
+        for name, state in self.states.items():
+            ready.add_metric([name], 1.0 if state == "ready" else 0.0)
+        for name, q in self.queued.items():
+            queued.add_metric([name], q)
+        for name, s in self.snapshots.items():
+            kv = s.get("kv") or {}
+            spec = s.get("spec") or {}
+            running.add_metric([name], s.get("running", 0))
+            waiting.add_metric([name], s.get("waiting", 0))
+            kv_usage.add_metric([name], kv.get("usage", 0.0))
+            kv_used.add_metric([name], kv.get("used_blocks", 0))
+            kv_total.add_metric([name], kv.get("num_blocks", 0))
+            kv_cached.add_metric([name], kv.get("cached_blocks", 0))
+            pq.add_metric([name], kv.get("prefix_queries_tokens", 0))
+            ph.add_metric([name], kv.get("prefix_hits_tokens", 0))
+            pre.add_metric([name], s.get("preemptions", 0))
+            util.add_metric([name], s.get("batch_utilization", 0.0))
+            tps.add_metric([name], s.get("tokens_per_s", 0.0))
+            steps.add_metric([name], s.get("steps", 0))
+            sd.add_metric([name], _first(spec, SPEC_DRAFT_KEYS))
+            sa.add_metric([name], _first(spec, SPEC_ACCEPTED_KEYS))
+        yield from (running, waiting, queued, kv_usage, kv_used, kv_total, kv_cached, pq, ph, pre, util, tps, steps,
+                    sd, sa, ready)
+
+
+class ServeMetrics:
+    """Every metric of one app, in ``self.registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        p = ["pipeline"]
+        self.requests = Counter("tokenmill_requests", "Generation requests by outcome: stop, length, error "
+                                "(failed while running), cancelled (client went away), timeout, shutdown, "
+                                "invalid (refused as a bad request), overloaded (503: queue full or draining).",
+                                p + ["outcome"], registry=r)
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens of finished requests.", p,
+                                     registry=r)
+        self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated by finished requests.",
+                                         p, registry=r)
+        self.ttft = Histogram("tokenmill_time_to_first_token_seconds",
+                              "From the HTTP request's arrival to its first generated token.", p,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("tokenmill_inter_token_latency_seconds",
+                             "Time between successive generated tokens of a request.", p, buckets=ITL_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram("tokenmill_e2e_request_latency_seconds",
+                             "From the HTTP request's arrival to its last token.", p, buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.queue = Histogram("tokenmill_request_queue_time_seconds",
+                               "From the HTTP request's arrival to its first scheduled engine step.", p,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.http = Counter("tokenmill_http_requests", "HTTP requests by route, method and status code.",
+                            ["route", "method", "status"], registry=r)
+        self.engine = EngineCollector()
+        r.register(self.engine)

@@ -1,0 +1,141 @@
+"""OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+
+The ``model`` field names a pipeline (its YAML ``name:``). Responses follow OpenAI's shapes, with ``usage``;
+streams are Server-Sent Events ending in ``data: [DONE]``, so the ``openai`` Python client works unchanged
+with ``base_url="http://host:port/v1"``.
+"""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from tokenmill.serve.schemas import ChatCompletionRequest, CompletionRequest
+from tokenmill.serve.service import (Delta, Final, GenerationCall, Interrupted, Service, error_event, final_error,
+                                     raise_for_finals, run_stream, run_unary, sse)
+
+OPENAI_REASONS = {"stop": "stop", "length": "length"}
+
+
+def _usage(finals_or_handles) -> dict:
+    handles = [getattr(x, "handle", x) for x in finals_or_handles]
+    prompt = sum(h.prompt_tokens for h in handles)
+    completion = sum(h.num_tokens for h in handles)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def router(service: Service) -> APIRouter:
+    r = APIRouter(tags=["openai"])
+
+    @r.get("/v1/models", summary="The pipelines this server runs, as OpenAI models")
+    async def models():
+        created = int(service.started)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
+             "ready": w.state == "ready",
+             "max_model_len": w.limits.max_model_len if w.limits is not None else None}
+            for name, w in service.workers.items()]}
+
+    def _prepare(body, default_max_tokens: int | None):
+        w = service.worker(body.model, openai=True)
+        service.check_ready(w)
+        params, fill = body.sampling_params(default_max_tokens)
+        if not fill:
+            service.check_max_tokens(w, params, "max_tokens")
+        return w, params, fill
+
+    @r.post("/v1/completions", summary="OpenAI-compatible text completion")
+    async def completions(body: CompletionRequest, request: Request):
+        received = time.perf_counter()
+        w, params, fill = _prepare(body, 16)
+        call = GenerationCall(service, w, request, body.prompts(), params, received=received,
+                              stream=bool(body.stream), fill_max_tokens=fill, prefix="cmpl")
+        created = int(time.time())
+
+        def chunk(index: int, text: str, reason: str | None) -> dict:
+            return {"id": call.id, "object": "text_completion", "created": created, "model": w.name,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        if not body.stream:
+            finals = await run_unary(call)
+            raise_for_finals(finals)
+            return {"id": call.id, "object": "text_completion", "created": created, "model": w.name,
+                    "choices": [{"index": f.handle.index, "text": f.output.text, "logprobs": None,
+                                 "finish_reason": OPENAI_REASONS.get(f.finish_reason, f.finish_reason)}
+                                for f in finals],
+                    "usage": _usage(finals)}
+
+        async def events(first) -> AsyncIterator[str]:
+            item = first
+            while True:
+                if isinstance(item, Delta):
+                    yield sse(chunk(item.handle.index, item.text, None))
+                elif isinstance(item, Final):
+                    if final_error(item) is not None:
+                        yield sse(error_event(item.finish_reason, call, item.error))
+                        break
+                    yield sse(chunk(item.handle.index, item.text,
+                                    OPENAI_REASONS.get(item.finish_reason, item.finish_reason)))
+                    if call.finished:
+                        if body.include_usage:
+                            yield sse({"id": call.id, "object": "text_completion", "created": created,
+                                       "model": w.name, "choices": [], "usage": _usage(call.handles)})
+                        break
+                elif isinstance(item, Interrupted):
+                    yield sse(error_event(item.reason, call))
+                    break
+                item = await call.next_item()
+            yield sse("[DONE]")
+
+        return await run_stream(call, events)
+
+    @r.post("/v1/chat/completions", summary="OpenAI-compatible chat completion")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        received = time.perf_counter()
+        w, params, fill = _prepare(body, None)
+        call = GenerationCall(service, w, request, [body.template_messages()], params, received=received,
+                              stream=bool(body.stream), fill_max_tokens=fill, prefix="chatcmpl")
+        created = int(time.time())
+
+        def chunk(delta: dict, reason: str | None) -> dict:
+            return {"id": call.id, "object": "chat.completion.chunk", "created": created, "model": w.name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        if not body.stream:
+            finals = await run_unary(call)
+            raise_for_finals(finals)
+            f = finals[0]
+            return {"id": call.id, "object": "chat.completion", "created": created, "model": w.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f.output.text},
+                                 "logprobs": None,
+                                 "finish_reason": OPENAI_REASONS.get(f.finish_reason, f.finish_reason)}],
+                    "usage": _usage(finals)}
+
+        async def events(first) -> AsyncIterator[str]:
+            yield sse(chunk({"role": "assistant", "content": ""}, None))
+            item = first
+            while True:
+                if isinstance(item, Delta):
+                    if item.text:
+                        yield sse(chunk({"content": item.text}, None))
+                elif isinstance(item, Final):
+                    if final_error(item) is not None:
+                        yield sse(error_event(item.finish_reason, call, item.error))
+                        break
+                    if item.text:
+                        yield sse(chunk({"content": item.text}, None))
+                    yield sse(chunk({}, OPENAI_REASONS.get(item.finish_reason, item.finish_reason)))
+                    if body.include_usage:
+                        yield sse({"id": call.id, "object": "chat.completion.chunk", "created": created,
+                                   "model": w.name, "choices": [], "usage": _usage(call.handles)})
+                    break
+                elif isinstance(item, Interrupted):
+                    yield sse(error_event(item.reason, call))
+                    break
+                item = await call.next_item()
+            yield sse("[DONE]")
+
+        return await run_stream(call, events)
+
+    return r

@@ -1,0 +1,316 @@
+"""Request and response bodies. Every limit is checked with a message that says what is allowed."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenmill.params import SamplingParams
+
+MAX_BATCH_PROMPTS = 1024
+SEED_MAX = 2**63 - 1
+
+
+# ------------------------------------------------------------------------------------------- checks
+def check_max_tokens(v: int | None) -> int | None:
+    if v is not None and v < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {v}")
+    return v
+
+
+def check_temperature(v: float | None) -> float | None:
+    if v is not None and v < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {v}")
+    return v
+
+
+def check_top_p(v: float | None) -> float | None:
+    if v is not None and not 0.0 < v <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {v}")
+    return v
+
+
+def check_top_k(v: int | None) -> int | None:
+    if v is not None and v < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {v}")
+    return v
+
+
+def check_seed(v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {v}")
+    return v
+
+
+def check_stop(v: str | list[str] | None) -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else list(v)
+    if any(not s for s in stops):
+        raise ValueError("stop must be a string or a list of non-empty strings; got an empty string")
+    if len(stops) > 16:
+        raise ValueError(f"stop takes at most 16 strings, got {len(stops)}")
+    return stops
+
+
+def check_prompt(v: Any, what: str = "prompt") -> Any:
+    if isinstance(v, str) and not v:
+        raise ValueError(f"{what} is empty: send at least one character of text (or a non-empty list of token ids)")
+    if isinstance(v, list) and not v:
+        raise ValueError(f"{what} is empty: send a non-empty string or a non-empty list of token ids")
+    if isinstance(v, list) and any(t < 0 for t in v):
+        raise ValueError(f"{what}: token ids must be integers >= 0")
+    return v
+
+
+CHECKS = {"max_tokens": check_max_tokens, "temperature": check_temperature, "top_p": check_top_p,
+          "top_k": check_top_k, "seed": check_seed}
+
+
+# ------------------------------------------------------------------------------------------- native API
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
+                                            "pipeline's max_model_len).")
+    temperature: float = Field(0.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass in (0, 1]; 1 disables it.")
+    top_k: int = Field(0, description="Keep the k most likely tokens; 0 disables it.")
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (cut from the text).")
+    seed: Optional[int] = Field(None, description="Per-request seed: the same seed gives the same sample.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+    optimization: Optional[str] = Field(None, description="Which of the server's pipelines runs the request "
+                                                          "(its YAML `name:`); default: the first one.")
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
+    @classmethod
+    def _ranges(cls, v, info):
+        return CHECKS[info.field_name](v)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, stop=check_stop(self.stop),
+                              ignore_eos=self.ignore_eos)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        check_stop(v)
+        return v
+
+
+class GenerateRequest(_Sampling):
+    prompt: Union[str, list[int]] = Field(..., description="Text, or a list of token ids.")
+    stream: bool = Field(False, description="Send Server-Sent Events: one per decoded chunk, then a `done` "
+                                            "event with the stats.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return check_prompt(v)
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    text: str
+    tokens_generated: int
+    prompt_tokens: int
+    finish_reason: str
+    latency_ms: float
+    ttft_ms: Optional[float]
+    queue_ms: Optional[float]
+    optimization_used: str
+    error: Optional[str] = None
+
+
+class BatchRequest(_Sampling):
+    prompts: list[Union[str, list[int]]] = Field(..., description=f"1 to {MAX_BATCH_PROMPTS} prompts, run "
+                                                                  "together so they batch.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v):
+        if not 1 <= len(v) <= MAX_BATCH_PROMPTS:
+            raise ValueError(f"prompts must hold 1 to {MAX_BATCH_PROMPTS} prompts, got {len(v)}")
+        for i, p in enumerate(v):
+            check_prompt(p, f"prompts[{i}]")
+        return v
+
+
+class BatchResponse(BaseModel):
+    results: list[GenerateResponse]
+    total_latency_ms: float
+    throughput_tokens_per_sec: float
+    tokens_generated: int
+    prompt_tokens: int
+    optimization_used: str
+
+
+# ------------------------------------------------------------------------------------------- OpenAI API
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    """Fields common to completions and chat. Unknown fields are ignored, as OpenAI clients send extras;
+    fields that would change the result and are not supported are refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    ignore_eos: bool = False
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
+    @classmethod
+    def _ranges(cls, v, info):
+        return CHECKS[info.field_name](v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        check_stop(v)
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.n not in (None, 1):
+            raise ValueError(f"n must be 1 (one choice per prompt), got {self.n}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, key) not in (None, 0, 0.0):
+                raise ValueError(f"{key} is not supported; leave it out or set it to 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported; leave it out")
+        return self
+
+    def sampling_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
+        """SamplingParams and whether max_tokens is to fill the context (OpenAI's default for chat)."""
+        fill = self.max_tokens is None and default_max_tokens is None
+        return SamplingParams(
+            max_tokens=self.max_tokens or default_max_tokens or 1,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+            stop=check_stop(self.stop), ignore_eos=self.ignore_eos), fill
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: Optional[bool] = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+    logprobs: Optional[int] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) > MAX_BATCH_PROMPTS:
+                raise ValueError(f"prompt takes at most {MAX_BATCH_PROMPTS} prompts, got {len(v)}")
+            for i, p in enumerate(v):
+                check_prompt(p, f"prompt[{i}]")
+            return v
+        return check_prompt(v)
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self):
+        if self.echo:
+            raise ValueError("echo is not supported; leave it out or set it to false")
+        if self.suffix:
+            raise ValueError("suffix is not supported; leave it out")
+        if self.best_of not in (None, 1):
+            raise ValueError(f"best_of must be 1, got {self.best_of}")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported; leave it out")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        v = self.prompt
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            return list(v)
+        return [v]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+    def as_template_message(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise ValueError(f"message content parts of type '{part.type}' are not supported; "
+                                     "send text parts only")
+                texts.append(part.text)
+            content = "".join(texts)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _max_completion_tokens(cls, v):
+        return check_max_tokens(v)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v):
+        if not v:
+            raise ValueError("messages is empty: send at least one message")
+        for i, m in enumerate(v):
+            try:
+                m.as_template_message()
+            except ValueError as exc:
+                raise ValueError(f"messages[{i}]: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self):
+        if self.logprobs:
+            raise ValueError("logprobs is not supported; leave it out or set it to false")
+        if self.tools:
+            raise ValueError("tools (function calling) are not supported; leave them out")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format must be {'type': 'text'}; structured output is not supported")
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def template_messages(self) -> list[dict]:
+        return [m.as_template_message() for m in self.messages]

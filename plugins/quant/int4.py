@@ -1,0 +1,409 @@
+"""``int4``: group-wise asymmetric 4-bit weights, two values per byte, a scale and a zero point per group.
+
+Format: for each output row and each group of ``group_size`` inputs, ``w ~= (q - 8) * scale + zero`` with
+``q`` in 0..15 (the convention of PyTorch's tinygemm-style kernels; ``zero = min + 8 * scale``). Scales and
+zeros are stored in the compute dtype (bfloat16 by default: 4 bytes per group, 1 bit per weight at g32).
+
+Kernels:
+- CPU: ``aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)`` on the layout made by
+  ``aten._convert_weight_to_int4pack_for_cpu``. In torch 2.13 it requires ``N % 16 == 0``,
+  ``K % group_size == 0``, ``group_size`` in {32, 64, 128, 256}; ``inner_k_tiles`` is accepted but unused on
+  CPU; it runs float32, float16 and bfloat16 activations but only the bfloat16 path is vectorized on x86
+  (AVX2/AVX512), so the activations are cast to bfloat16 around it. We pad N to 16 and K to the group size.
+- CUDA: ``aten._weight_int4pack_mm`` on ``aten._convert_weight_to_int4pack`` tiles (bfloat16 activations).
+
+The CPU layout depends on the CPU's vector width (blocks of 64 output rows on AVX512, 32 on AVX2, nibbles of
+different rows interleaved within a block). We learn it once by probing the conversion op
+(:class:`CpuInt4Layout`) and verify the inverse on every weight we pack, so the packed tensor is the only
+copy in memory: rows for the embedding, the dense path for many rows, and saving all unpack from it.
+Checkpoints store the portable layout (:func:`pack_int4`: row-major, low nibble = even column).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.plugins.quant.base import (QuantLinear, QuantOptions, QuantPlugin, pad_to, resolve_compute_dtype,
+                                         run_kernel)
+
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_KERNEL_MAX_ROWS = 16
+
+
+# ---------------------------------------------------------------------------------------------- format
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16, *,
+                  clip_search: int = 0, rows_per_chunk: int = 4096
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> (``q`` uint8 [N, Kp] in 0..15, ``scales`` [N, G], ``zeros`` [N, G]) in ``scale_dtype``.
+
+    ``Kp`` is K rounded up to the group size; padded columns quantize to whatever (they meet zero
+    activations) and take no part in their group's range or error. Scales and zeros are rounded to
+    ``scale_dtype`` before ``q`` is computed, so ``q`` is optimal for the stored parameters.
+
+    With ``clip_search = n > 1``, each group's range ``[min, max]`` is also tried shrunk by ``n - 1`` factors
+    down to 0.6 and the one with the least squared error kept (clipping a few outliers buys resolution for
+    the rest of the group).
+    """
+    n, k = w.shape
+    kp = pad_to(k, group_size)
+    g = kp // group_size
+    alphas = torch.linspace(1.0, 0.6, clip_search).tolist() if clip_search > 1 else [1.0]
+    q_out = torch.empty(n, kp, dtype=torch.uint8, device=w.device)
+    s_out = torch.empty(n, g, dtype=scale_dtype, device=w.device)
+    z_out = torch.empty(n, g, dtype=scale_dtype, device=w.device)
+    valid = F.pad(torch.ones(k, device=w.device), (0, kp - k)).view(1, g, group_size)
+    for r0 in range(0, n, rows_per_chunk):
+        wc = w[r0:r0 + rows_per_chunk].float()
+        rows = wc.shape[0]
+        wmin = F.pad(wc, (0, kp - k), value=float("inf")).view(rows, g, group_size).amin(-1)
+        wmax = F.pad(wc, (0, kp - k), value=float("-inf")).view(rows, g, group_size).amax(-1)
+        wp = F.pad(wc, (0, kp - k)).view(rows, g, group_size)
+        best = None
+        for alpha in alphas:
+            lo, hi = wmin * alpha, wmax * alpha
+            scale_s = ((hi - lo) / 15.0).clamp_min(1e-8).to(scale_dtype).float()
+            zero_s = (lo + 8.0 * scale_s).to(scale_dtype).float()
+            q = torch.round((wp - zero_s[..., None]) / scale_s[..., None] + 8.0).clamp_(0, 15)
+            if len(alphas) == 1:
+                best = (q, scale_s, zero_s)
+                break
+            err = ((((q - 8.0) * scale_s[..., None] + zero_s[..., None]) - wp) ** 2 * valid).sum(-1)
+            if best is None:
+                best = (q, scale_s, zero_s, err)
+                continue
+            better = err < best[3]
+            best = (torch.where(better[..., None], q, best[0]), torch.where(better, scale_s, best[1]),
+                    torch.where(better, zero_s, best[2]), torch.minimum(err, best[3]))
+        q_out[r0:r0 + rows] = best[0].view(rows, kp).to(torch.uint8)
+        s_out[r0:r0 + rows] = best[1].to(scale_dtype)
+        z_out[r0:r0 + rows] = best[2].to(scale_dtype)
+    return q_out, s_out, z_out
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, kp = q.shape
+    qg = q.view(n, kp // group_size, group_size).float()
+    w = (qg - 8.0) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.view(n, kp).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``q [N, K]`` (values 0..15, K even) -> ``[N, K/2]`` uint8, low nibble = even column."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`."""
+    return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], p.shape[1] * 2)
+
+
+# ------------------------------------------------------------------------------- the CPU kernel layout
+def _nibbles(p: torch.Tensor) -> torch.Tensor:
+    """All nibbles of a uint8 tensor in memory order: nibble ``2*i`` = low half of byte ``i``."""
+    flat = p.reshape(-1)
+    return torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1).long()
+
+
+def _probe(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert probes of shape ``[n, k]``; returns per packed nibble its source (row, column)."""
+    rows = torch.arange(n, dtype=torch.int32)[:, None].expand(n, k)
+    cols = torch.arange(k, dtype=torch.int32)[None, :].expand(n, k)
+    conv = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    row_id = torch.zeros(n * k, dtype=torch.long)
+    for shift in range(0, max(n - 1, 1).bit_length(), 4):
+        row_id += _nibbles(conv(((rows >> shift) & 15).contiguous(), 2)) << shift
+    col_id = _nibbles(conv(cols.contiguous(), 2))  # k <= 16 in our probes
+    return row_id, col_id
+
+
+def _slot_rule(row_id: torch.Tensor, col_id: torch.Tensor, n: int, k: int, bn: int) -> torch.Tensor | None:
+    """If the probe fits "blocks of ``bn`` rows, each ``[k, bn/2]`` bytes, the same slot->row map in every
+    k-row and block", return that map (``perm[slot] = row within block``), else None."""
+    if n % bn:
+        return None
+    view_r = row_id.view(n // bn, k, bn)
+    view_c = col_id.view(n // bn, k, bn)
+    perm = view_r[0, 0]
+    if not torch.equal(torch.sort(perm).values, torch.arange(bn)):
+        return None
+    base = (torch.arange(n // bn) * bn)[:, None, None]
+    if not torch.equal(view_r, (base + perm).expand_as(view_r)) or not torch.equal(view_c, torch.arange(k)[None, :, None].expand_as(view_c)):
+        return None
+    return perm
+
+
+@functools.lru_cache(maxsize=None)
+def _full_block_rule() -> tuple[int, torch.Tensor]:
+    n, k = 256, 4
+    row_id, col_id = _probe(n, k)
+    for bn in (16, 32, 64, 128, 256):
+        perm = _slot_rule(row_id, col_id, n, k, bn)
+        if perm is not None:
+            return bn, perm
+    raise NotImplementedError("unrecognized layout of _convert_weight_to_int4pack_for_cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _tail_block_rule(nb: int) -> torch.Tensor:
+    row_id, col_id = _probe(nb, 4)
+    perm = _slot_rule(row_id, col_id, nb, 4, nb)
+    if perm is None:
+        raise NotImplementedError(f"unrecognized layout of _convert_weight_to_int4pack_for_cpu for {nb} rows")
+    return perm
+
+
+def _mode(perm: torch.Tensor) -> str:
+    """How a block's nibble slots map to its rows: ``pairs`` (byte j = rows 2j, 2j+1; the identity),
+    ``halves`` (byte j = rows j and j + rows/2: the AVX2 / AVX512 full blocks) or a general ``perm``."""
+    rows = perm.numel()
+    if torch.equal(perm, torch.arange(rows)):
+        return "pairs"
+    halves = torch.stack([torch.arange(rows // 2), torch.arange(rows // 2) + rows // 2], -1).reshape(-1)
+    return "halves" if torch.equal(perm, halves) else "perm"
+
+
+def _unpack_blocks(flat: torch.Tensor, nblocks: int, rows: int, k: int, mode: str,
+                   inv: torch.Tensor | None) -> torch.Tensor:
+    """Bytes of ``nblocks`` blocks of ``rows`` rows (each ``[k, rows/2]``) -> ``q [nblocks * rows, k]``."""
+    b = flat.view(nblocks, k, rows // 2)
+    if mode == "halves":
+        nib = torch.cat([b & 15, b >> 4], dim=2)
+    else:
+        nib = torch.stack([b & 15, b >> 4], dim=-1).view(nblocks, k, rows)
+        if mode == "perm":
+            nib = nib.index_select(2, inv.to(flat.device))
+    return nib.transpose(1, 2).reshape(nblocks * rows, k)
+
+
+class CpuInt4Layout:
+    """Inverse of ``_convert_weight_to_int4pack_for_cpu`` for an ``[n, k]`` weight (n % 16 == 0, k even).
+
+    Learned from probes: the packed bytes are blocks of ``bn`` output rows (the last block may be shorter),
+    each block ``[k, rows/2]`` bytes, and within a k-row nibble slot ``s`` (``2*byte + high``) holds the
+    block's row ``perm[s]`` (see :func:`_mode` for the two layouts torch 2.13 uses).
+    """
+
+    def __init__(self, n: int, k: int) -> None:
+        self.n, self.k = n, k
+        self.bn, perm = _full_block_rule()
+        self.nfull = n // self.bn
+        self.tail = n - self.nfull * self.bn
+        self.inv_full = torch.argsort(perm)
+        self.full_mode = _mode(perm)
+        tail_perm = _tail_block_rule(self.tail) if self.tail else None
+        self.inv_tail = torch.argsort(tail_perm) if self.tail else None
+        self.tail_mode = _mode(tail_perm) if self.tail else ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.n, self.k, self.bn, self.full_mode, self.tail, self.tail_mode)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed kernel layout -> ``q [n, k]`` uint8."""
+        flat = packed.reshape(-1)
+        split = self.nfull * self.bn * self.k // 2
+        parts = []
+        if self.nfull:
+            parts.append(_unpack_blocks(flat[:split], self.nfull, self.bn, self.k, self.full_mode, self.inv_full))
+        if self.tail:
+            parts.append(_unpack_blocks(flat[split:], 1, self.tail, self.k, self.tail_mode, self.inv_tail))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    def gather_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``q`` of rows ``ids`` (1-D) -> ``[len(ids), k]`` uint8, reading only those rows' bytes."""
+        dev = packed.device
+        ids = ids.long()
+        blk = torch.div(ids, self.bn, rounding_mode="floor")
+        r = ids - blk * self.bn
+        in_tail = blk >= self.nfull
+        slot = self.inv_full.to(dev)[r.clamp(max=self.bn - 1)]
+        stride = torch.full_like(ids, self.bn // 2)
+        if self.tail:
+            slot = torch.where(in_tail, self.inv_tail.to(dev)[r.clamp(max=self.tail - 1)], slot)
+            stride = torch.where(in_tail, torch.full_like(ids, self.tail // 2), stride)
+        base = blk * (self.bn * self.k // 2) + torch.div(slot, 2, rounding_mode="floor")
+        idx = base[:, None] + torch.arange(self.k, device=dev)[None, :] * stride[:, None]
+        byte = packed.reshape(-1)[idx]
+        return (byte >> (4 * (slot % 2)).to(torch.uint8)[:, None]) & 15
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_layout(n: int, k: int) -> CpuInt4Layout:
+    """One layout object per weight shape (compiled kernels guard on it: shared objects, shared graphs)."""
+    return CpuInt4Layout(n, k)
+
+
+def int4_dequant_cpu(packed: torch.Tensor, scales_and_zeros: torch.Tensor, layout: CpuInt4Layout, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The padded weight ``[Np, Kp]`` in ``dtype`` from the CPU kernel layout (one fused pass when compiled)."""
+    q = layout.unpack(packed)
+    n, kp = q.shape
+    s = scales_and_zeros[..., 0].t().float()[..., None]
+    z = scales_and_zeros[..., 1].t().float()[..., None]
+    return ((q.view(n, kp // group_size, group_size).float() - 8) * s + z).to(dtype).view(n, kp)
+
+
+# --------------------------------------------------------------------------------------------- module
+class Int4Linear(QuantLinear):
+    kind = "int4"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, *,
+                 in_features: int, out_features: int, group_size: int, compute_dtype: torch.dtype,
+                 kernel_max_rows: int | None = None, compile_kernels: bool = True) -> None:
+        """``q [N, Kp]`` values 0..15 (unpacked); ``scales``/``zeros`` ``[N, G]`` in their storage dtype."""
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        n, kp = q.shape
+        self.group_size = group_size
+        self.kp = kp
+        self.np_ = pad_to(n, 16)
+        self.kernel_max_rows = DEFAULT_KERNEL_MAX_ROWS if kernel_max_rows is None else kernel_max_rows
+        self.compile_kernels = compile_kernels
+        dev = q.device
+        qp = F.pad(q, (0, 0, 0, self.np_ - n), value=8)  # padded rows dequantize to `zero` = 0
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1)  # [G, N, 2]
+        sz = F.pad(sz, (0, 0, 0, self.np_ - n))
+        self.register_buffer("scales_and_zeros", sz.to(compute_dtype).contiguous())
+        self.layout: CpuInt4Layout | None = None
+        self.device_kind = dev.type
+        if dev.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp.to(torch.int32).contiguous(), 2)
+            try:
+                layout = cpu_layout(self.np_, kp)
+                ok = torch.equal(layout.unpack(packed), qp)
+            except NotImplementedError:
+                ok = False
+            if ok:
+                self.layout = layout
+                self.register_buffer("packed", packed)
+            else:  # unknown kernel layout: keep the portable copy as well (more memory, still correct)
+                self.register_buffer("packed", packed)
+                self.register_buffer("portable", pack_int4(qp))
+        else:
+            self.inner_k_tiles = 8 if kp % 128 == 0 else (4 if kp % 64 == 0 else 2)
+            hi_first = ((qp[:, 0::2] << 4) | qp[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(hi_first.contiguous(),
+                                                                                      self.inner_k_tiles))
+            self.register_buffer("portable", pack_int4(qp))
+
+    @classmethod
+    def from_float(cls, weight, bias, *, group_size: int, compute_dtype: torch.dtype,
+                   kernel_max_rows: int | None = None, compile_kernels: bool = True,
+                   clip_search: int = 0) -> "Int4Linear":
+        n, k = weight.shape
+        q, s, z = quantize_int4(weight, group_size, compute_dtype, clip_search=clip_search)
+        return cls(q, s, z, bias, in_features=k, out_features=n, group_size=group_size,
+                   compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows, compile_kernels=compile_kernels)
+
+    # -- unpacking -----------------------------------------------------------------------------------
+    def _q_padded(self) -> torch.Tensor:
+        """``q [Np, Kp]`` uint8 (values 0..15)."""
+        if self.layout is not None:
+            return self.layout.unpack(self.packed)
+        return unpack_int4(self.portable)
+
+    def _q_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.layout is not None:
+            return self.layout.gather_rows(self.packed, ids)
+        return unpack_int4(self.portable.index_select(0, ids))
+
+    def _scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sz = self.scales_and_zeros  # [G, Np, 2]
+        return sz[..., 0].t(), sz[..., 1].t()  # [Np, G] each
+
+    def _dequant_padded(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout is not None:
+            return run_kernel(int4_dequant_cpu, ("int4", str(dtype), self.group_size) + self.layout.key,
+                              self.packed, self.scales_and_zeros, self.layout, self.group_size, dtype,
+                              compile=self.compile_kernels)
+        s, z = self._scale_zero()
+        return dequantize_int4(self._q_padded(), s, z, self.group_size, dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        s, z = self._scale_zero()
+        w = dequantize_int4(self._q_padded(), s, z, self.group_size, torch.float32)
+        return w[:self.out_features, :self.in_features].to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        g = self.group_size
+        s, z = self._scale_zero()
+        q = self._q_rows(flat).view(flat.shape[0], -1, g).float()  # [T, G, g]
+        w = (q - 8.0) * s.index_select(0, flat).float()[..., None] + z.index_select(0, flat).float()[..., None]
+        return w.view(flat.shape[0], self.kp)[:, :self.in_features].to(dtype).view(*ids.shape, self.in_features)
+
+    # -- matmul --------------------------------------------------------------------------------------
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        xc = x.to(cd)
+        if self.kp != self.in_features:
+            xc = F.pad(xc, (0, self.kp - self.in_features))
+        m = x.shape[0]
+        if m <= self.kernel_max_rows and cd != torch.float32:
+            if self.device_kind == "cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, self.group_size,
+                                                               self.scales_and_zeros)
+            elif cd == torch.bfloat16:
+                y = torch.ops.aten._weight_int4pack_mm(xc, self.packed, self.group_size, self.scales_and_zeros)
+            else:
+                y = F.linear(xc, self._dequant_padded(cd))
+        else:
+            y = F.linear(xc, self._dequant_padded(cd))
+        return y[:, :self.out_features]
+
+    # -- (de)serialization ---------------------------------------------------------------------------
+    def portable_state(self):
+        s, z = self._scale_zero()
+        n = self.out_features
+        meta = {"kind": self.kind, "in_features": self.in_features, "out_features": n,
+                "group_size": self.group_size, "padded_in_features": self.kp, "bias": self.bias is not None}
+        tensors = {"qweight": pack_int4(self._q_padded()[:n]).contiguous(), "scales": s[:n].contiguous(),
+                   "zeros": z[:n].contiguous()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return meta, tensors
+
+    @classmethod
+    def from_portable(cls, meta, tensors, *, compute_dtype, device, kernel_max_rows=None, compile_kernels=True,
+                      **_):
+        q = unpack_int4(tensors["qweight"].to(device))
+        return cls(q, tensors["scales"].to(device), tensors["zeros"].to(device),
+                   tensors["bias"].to(device) if meta.get("bias") else None,
+                   in_features=meta["in_features"], out_features=meta["out_features"],
+                   group_size=meta["group_size"], compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows,
+                   compile_kernels=compile_kernels)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int4(QuantPlugin):
+    """Group-wise asymmetric int4 (about 4.5-5 bits per weight with bfloat16 scales and zeros)."""
+
+    name = "int4"
+    linear_cls = Int4Linear
+
+    @dataclass(slots=True)
+    class Options(QuantOptions):
+        group_size: int = 64
+        clip_search: int = 0  # > 1: try this many shrunk ranges per group, keep the least-squared-error one
+        compile_kernels: bool = True  # torch.compile the unpack+dequantize of the many-rows path
+
+        def __post_init__(self) -> None:
+            QuantOptions.__post_init__(self)
+            if self.group_size not in GROUP_SIZES:
+                raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                                 f"got {self.group_size}")
+
+    def quantize_weight(self, weight, bias, model_dtype):
+        cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)
+        return Int4Linear.from_float(weight, bias, group_size=self.options.group_size, compute_dtype=cd,
+                                     kernel_max_rows=self.options.kernel_max_rows,
+                                     compile_kernels=self.options.compile_kernels,
+                                     clip_search=self.options.clip_search)

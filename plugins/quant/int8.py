@@ -1,0 +1,104 @@
+"""``int8``: weight-only int8 with one symmetric scale per output channel.
+
+Fast path on CPU: ``torch.ops.aten._weight_int8pack_mm(x, w_int8, scales)`` (the activations cast to the
+compute dtype; in torch 2.13 the CPU kernel is vectorized for bfloat16 only, float32 runs a scalar loop).
+For many rows (prefill, large batches) the weight is converted to the compute dtype and multiplied with the
+dense GEMM (bfloat16 uses AMX / AVX512-BF16 where the CPU has it), scales applied to the output.
+The CPU kernel reads past the end of rows whose length is not a multiple of 32 (garbage or a crash in
+torch 2.13), so such weights are stored zero-padded to a multiple of 32 columns and the activations padded
+to match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.plugins.quant.base import QuantLinear, QuantOptions, QuantPlugin, pad_to, resolve_compute_dtype
+
+DEFAULT_KERNEL_MAX_ROWS = 8
+K_ALIGN = 32  # _weight_int8pack_mm needs rows of a multiple of 32 int8 values
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` float -> (``q`` int8 in [-127, 127], ``scales`` float32 [N]) with ``w ~= q * scales[:, None]``."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+class Int8Linear(QuantLinear):
+    kind = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+                 compute_dtype: torch.dtype, kernel_max_rows: int | None = None) -> None:
+        n, k = qweight.shape
+        super().__init__(k, n, bias, compute_dtype)
+        self.kp = pad_to(k, K_ALIGN)
+        self.register_buffer("qweight", F.pad(qweight, (0, self.kp - k)).contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        # the kernel wants scales in the activation dtype; kept (N values) rather than cast per call
+        self.register_buffer("scales_c", self.scales.to(compute_dtype), persistent=False)
+        self.kernel_max_rows = DEFAULT_KERNEL_MAX_ROWS if kernel_max_rows is None else kernel_max_rows
+        self.use_kernel = qweight.device.type == "cpu"
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, compute_dtype: torch.dtype,
+                   kernel_max_rows: int | None = None) -> "Int8Linear":
+        q, scales = quantize_int8(weight)
+        return cls(q, scales, bias, compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight[:, :self.in_features], self.scales, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q = self.qweight.index_select(0, flat)[:, :self.in_features]
+        w = q.to(dtype) * self.scales.index_select(0, flat).to(dtype)[:, None]
+        return w.view(*ids.shape, self.in_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        xc = x.to(cd)
+        if self.kp != self.in_features:
+            xc = F.pad(xc, (0, self.kp - self.in_features))
+        if self.use_kernel and x.shape[0] <= self.kernel_max_rows and cd != torch.float32:
+            return torch.ops.aten._weight_int8pack_mm(xc.contiguous(), self.qweight, self.scales_c)
+        # int8 values are exact in bf16/fp16/fp32; the scale is applied to the output
+        return F.linear(xc, self.qweight.to(cd)) * self.scales_c
+
+    def portable_state(self):
+        meta = {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+        tensors = {"qweight": self.qweight[:, :self.in_features].contiguous(), "scales": self.scales}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return meta, tensors
+
+    @classmethod
+    def from_portable(cls, meta, tensors, *, compute_dtype, device, kernel_max_rows=None, **_):
+        return cls(tensors["qweight"].to(device), tensors["scales"].to(device),
+                   tensors["bias"].to(device) if meta.get("bias") else None,
+                   compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows)
+
+
+class Int8(QuantPlugin):
+    """Weight-only int8, symmetric per-output-channel scales (about 8.1 bits per weight)."""
+
+    name = "int8"
+    linear_cls = Int8Linear
+
+    @dataclass(slots=True)
+    class Options(QuantOptions):
+        pass
+
+    def quantize_weight(self, weight, bias, model_dtype):
+        cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)
+        return Int8Linear.from_float(weight, bias, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows)
