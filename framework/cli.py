@@ -136,6 +136,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("latency", "throughput", "speculative", "quant", "perplexity", "serve_load")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    for root in (Path.cwd() / "benchmarks", here):
+        script = root / f"{args.name}.py"
+        if script.is_file():
+            return subprocess.call([sys.executable, str(script), *args.args])
+    print(f"error: benchmarks/{args.name}.py not found; benchmarks ship with the source tree, run from its root",
+          file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", default=None, help="also write the result to this JSON file")
     ppl.add_argument("--quiet", action="store_true")
     ppl.set_defaults(func=_cmd_eval)
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/ (writes JSON + PNG to results/)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+    bench.set_defaults(func=_cmd_bench)
     plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement")
     plug.set_defaults(func=_cmd_plugins)
     return parser
