@@ -98,6 +98,11 @@ def parse_row(row: str) -> tuple[str, int | None]:
     return base, (int(k) if k else None)
 
 
+def row_kind(row: str) -> str:
+    """The drafter of a row name: ``prompt_lookup_adaptive:8`` -> ``prompt_lookup``."""
+    return parse_row(row)[0].removesuffix("_adaptive")
+
+
 def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
     """(base row, {plugin: options} or None, human label) for a row name."""
     base, k_override = parse_row(row)
@@ -118,7 +123,8 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
     if kind == "draft_model":
         n, total = cfg["draft_layers"], cfg.get("target_layers", "?")
         return base, {"speculative": dict(common, draft=cfg["draft_dir"])}, \
-            f"draft_model: LOCAL layer-truncated copy of the default model ({n} of {total} layers, untrained), k={k}{ad}"
+            f"draft_model: LOCAL layer-truncated copy of the default model ({n} of {total} layers, untrained), " \
+            f"k={k}{ad}"
     raise ValueError(f"unknown row {row!r}")
 
 
@@ -438,8 +444,13 @@ def chart_batch1(name: str, results: dict, sets: dict, title: str) -> Path:
         vals = [results[r]["summary"][set_name]["tok_per_s"] if results[r]["ok"] else 0.0 for r in rows]
         bars = ax.bar([i + (j - (len(sets) - 1) / 2) * w for i in range(len(rows))], vals, w, label=set_name)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(range(len(rows)), [r + ("" if results[r]["ok"] else "\n(n/a)") for r in rows],
-                  rotation=15, ha="right")
+    def tick(r: str) -> str:
+        note = "" if results[r]["ok"] else "\n(n/a)"
+        if row_kind(r) == "draft_model":
+            note += "\n(local truncated\ncopy, untrained)"
+        return r + note
+
+    ax.set_xticks(range(len(rows)), [tick(r) for r in rows], rotation=15, ha="right")
     ax.set_ylabel("generated tokens / s")
     ax.set_title(title)
     ax.legend()
@@ -454,7 +465,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=None,
                     help="comma list; batch 1: " + ", ".join(BATCH1_ROWS + EXTRA_ROWS) + "; --concurrent: "
-                         + ", ".join(CONCURRENT_ROWS) + "; ROW:K sets num_speculative_tokens")
+                         + ", ".join(CONCURRENT_ROWS) + " (any drafter row, DRAFTER_adaptive for adaptive: true); "
+                         "ROW:K sets num_speculative_tokens")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (batch 1) / 64 (--concurrent)")
     ap.add_argument("--prompts", type=int, default=None, help="use the first N prompts of each set")
     ap.add_argument("--quick", action="store_true",
@@ -487,7 +499,10 @@ def main() -> None:
         requests = min(args.concurrent, 8) if args.quick else args.concurrent
     else:
         new_tokens = args.new_tokens or (32 if args.quick else 128)
-    allowed = CONCURRENT_ROWS if concurrent else BATCH1_ROWS + EXTRA_ROWS
+    drafter_rows = [r for r in BATCH1_ROWS + EXTRA_ROWS if r != "plain"]
+    allowed = (CONCURRENT_ROWS + tuple(r for d in drafter_rows for r in (d, d + "_adaptive")
+                                       if r not in CONCURRENT_ROWS)
+               if concurrent else BATCH1_ROWS + EXTRA_ROWS)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else list(
         CONCURRENT_ROWS if concurrent else BATCH1_ROWS)
     bad = [r for r in rows if parse_row(r)[0] not in allowed]
@@ -502,16 +517,17 @@ def main() -> None:
            "medusa_heads": str(heads.resolve()), "draft_layers": args.draft_layers,
            "draft_dir": str((RESULTS / f"draft-trunc{args.draft_layers}").resolve())}
     draft_info = None
-    if any(parse_row(r)[0] == "draft_model" for r in rows):
+    if any(row_kind(r) == "draft_model" for r in rows):
         draft_info = build_truncated_draft(args.model, args.draft_layers, Path(cfg["draft_dir"]))
         cfg["target_layers"] = draft_info["source_layers"]
     skipped = {}
     for r in rows:
-        if parse_row(r)[0] == "medusa" and not ((heads / "medusa_config.json").is_file()
-                                                and (heads / "medusa_heads.safetensors").is_file()):
+        if row_kind(r) == "medusa" and not ((heads / "medusa_config.json").is_file()
+                                            and (heads / "medusa_heads.safetensors").is_file()):
+            shown = heads.relative_to(ROOT) if heads.is_relative_to(ROOT) else heads
             skipped[r] = {"ok": False, "skipped": True, "label": drafter_for(r, cfg)[2],
-                          "error": f"heads not found in {heads.relative_to(ROOT) if heads.is_relative_to(ROOT) else heads}"
-                                   f" (train them: tokenmill train-medusa pipelines/continuous.yaml --out {heads})"}
+                          "error": f"heads not found in {shown} (train them: tokenmill train-medusa "
+                                   f"pipelines/continuous.yaml --out {shown})"}
     if concurrent:
         cfg.update(mode="concurrent", requests=requests, requests_list=concurrent_requests(sets, requests))
     else:
@@ -546,7 +562,8 @@ def main() -> None:
             results[row].setdefault("label", drafter_for(row, cfg)[2])
 
     common_payload = {"model": args.model, "dtype": "float32", "device": "cpu", "threads_per_row": args.threads,
-                      "new_tokens": new_tokens, "quick": args.quick, "base_pipeline": str(BASE_PIPELINE.relative_to(ROOT)),
+                      "new_tokens": new_tokens, "quick": args.quick,
+                      "base_pipeline": str(BASE_PIPELINE.relative_to(ROOT)),
                       "greedy": True, "ignore_eos": True, "chat_template": True,
                       "num_speculative_tokens": {"speculative/medusa/draft_model": args.k, "prompt_lookup": args.pl_k},
                       "draft_model": draft_info, "medusa_heads": str(heads)}

@@ -121,11 +121,10 @@ class QuantLinear(torch.nn.Module):
 
     # -- shared --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._matmul(x.reshape(-1, self.in_features)).to(x.dtype)
+        y = self._matmul(x if x.dim() == 2 else x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize everything, then ``F.linear`` in the input's dtype: the ground truth for the fast path."""
@@ -135,6 +134,60 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, compute_dtype={str(self.compute_dtype).removeprefix('torch.')}")
+
+
+class SplitRowsLinear(QuantLinear):
+    """Output rows split into consecutive ranges, each its own quantized module (e.g. int8 then int4).
+
+    Used for the LM head / embedding matrix with ``lm_head_int8_rows``: its first rows (token ids; in BPE
+    vocabularies the frequent tokens come first, in merge order) stay int8, the rest use the plugin's format.
+    """
+
+    kind = "split"
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        super().__init__(parts[0].in_features, sum(p.out_features for p in parts), None, parts[0].compute_dtype)
+        self.parts = torch.nn.ModuleList(parts)
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + p.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts], 0)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = None
+        for p, lo, hi in zip(self.parts, self.starts, self.starts[1:]):
+            r = p.rows((flat - lo).clamp(0, hi - lo - 1), dtype)
+            out = r if out is None else torch.where(((flat >= lo) & (flat < hi))[:, None], r, out)
+        return out.view(*ids.shape, self.in_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p._matmul(x).to(x.dtype) for p in self.parts], -1)
+
+    def portable_state(self):
+        metas, tensors = [], {}
+        for i, p in enumerate(self.parts):
+            meta, ts = p.portable_state()
+            metas.append(meta)
+            tensors.update({f"p{i}.{k}": v for k, v in ts.items()})
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "parts": metas, "bias": False}, tensors
+
+    @classmethod
+    def from_portable(cls, meta, tensors, *, compute_dtype, device, **opts):
+        from tokenmill.plugins.quant import LINEAR_KINDS
+
+        parts = []
+        for i, m in enumerate(meta["parts"]):
+            ts = {k[len(f"p{i}."):]: v for k, v in tensors.items() if k.startswith(f"p{i}.")}
+            parts.append(LINEAR_KINDS[m["kind"]].from_portable(m, ts, compute_dtype=compute_dtype, device=device,
+                                                               **opts))
+        return cls(parts)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.starts}"
 
 
 class QuantizedEmbedding(torch.nn.Module):
@@ -170,6 +223,7 @@ class QuantOptions:
     embed_tokens: bool = True   # quantize the input embedding (row lookups); with tied weights one shared copy
     compute_dtype: ComputeDType = "auto"
     kernel_max_rows: int | None = None  # rows up to which the packed kernel runs; more: dequantize + dense GEMM
+    lm_head_int8_rows: int = 0  # int4/nf4: keep the first N rows of the LM head / embedding matrix in int8
     load: str | None = None     # a directory written by `tokenmill quantize`: load it instead of quantizing
 
     def __post_init__(self) -> None:
@@ -178,6 +232,8 @@ class QuantOptions:
                 raise ValueError(f"{key} must be a list of non-empty glob patterns, got {getattr(self, key)!r}")
         if self.kernel_max_rows is not None and self.kernel_max_rows < 0:
             raise ValueError(f"kernel_max_rows must be >= 0, got {self.kernel_max_rows}")
+        if self.lm_head_int8_rows < 0:
+            raise ValueError(f"lm_head_int8_rows must be >= 0, got {self.lm_head_int8_rows}")
 
     def settings(self) -> dict:
         """The options that decide the stored format (recorded in a checkpoint's manifest)."""
@@ -248,8 +304,13 @@ class QuantPlugin(Plugin):
         q = self._shared(weight)
         if q is None:
             bias = module.bias if isinstance(module, torch.nn.Linear) else None
+            bias = None if bias is None else bias.detach()
+            head = isinstance(module, torch.nn.Embedding) or name == "lm_head" or name.endswith(".lm_head")
             with torch.no_grad():
-                q = self.quantize_weight(weight.detach(), None if bias is None else bias.detach(), weight.dtype)
+                if head and self.options.lm_head_int8_rows and self.name != "int8":
+                    q = self._split_head(weight.detach(), bias)
+                else:
+                    q = self.quantize_weight(weight.detach(), bias, weight.dtype)
             if bias is None:
                 self._tied.append((weakref.ref(weight), q))
         if isinstance(module, torch.nn.Embedding):
@@ -259,6 +320,20 @@ class QuantPlugin(Plugin):
             new = q
         self.quantized[name] = q.kind
         return new
+
+    def _split_head(self, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantLinear:
+        """The LM head / embedding matrix with its first ``lm_head_int8_rows`` rows in int8, the rest in this
+        plugin's format (all int8 when that covers every row)."""
+        from tokenmill.plugins.quant.int8 import Int8Linear
+
+        rows = min(self.options.lm_head_int8_rows, weight.shape[0])
+        cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)
+        int8 = Int8Linear.from_float(weight[:rows], None if bias is None else bias[:rows], compute_dtype=cd,
+                                     kernel_max_rows=self.options.kernel_max_rows)
+        if rows == weight.shape[0]:
+            return int8
+        rest = self.quantize_weight(weight[rows:], None if bias is None else bias[rows:], weight.dtype)
+        return SplitRowsLinear([int8, rest])
 
     def make_options(self, **changes) -> Any:
         """A copy of this plugin's options with ``changes`` (used by the checkpoint loader)."""
