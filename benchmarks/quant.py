@@ -121,7 +121,7 @@ def main() -> None:
                      bits_per_param=info["weight_bytes"] * 8 / fp32_params,
                      quantized_layers=info["quantized_layers"], **warmup[label])
     rows["HF eager fp32 generate()"].update(weight_bytes=sum(p.numel() * p.element_size() for p in hf.parameters()))
-    del hf
+    hf = None  # free it before the batched rows
 
     batch = {}
     if args.batch_requests:

@@ -5,7 +5,7 @@ shares one quantized copy with a tied LM head) by a module that keeps the weight
 packed-weight kernel (int8, int4) or a compiled dequant+GEMV (nf4). ``tokenmill quantize`` saves the result
 (safetensors + manifest) and ``load: DIR`` reuses it without quantizing again.
 """
-from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, QuantPlugin, SplitRowsLinear, layer_report
+from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, QuantPlugin, SplitRowsLinear
 from tokenmill.plugins.quant.int4 import Int4, Int4Linear
 from tokenmill.plugins.quant.int8 import Int8, Int8Linear
 from tokenmill.plugins.quant.nf4 import NF4, NF4Linear
@@ -14,4 +14,4 @@ LINEAR_KINDS: dict[str, type[QuantLinear]] = {cls.kind: cls for cls in (Int8Line
                                                                          SplitRowsLinear)}
 
 __all__ = ["Int4", "Int4Linear", "Int8", "Int8Linear", "LINEAR_KINDS", "NF4", "NF4Linear", "QuantLinear",
-           "QuantPlugin", "QuantizedEmbedding", "SplitRowsLinear", "layer_report"]
+           "QuantPlugin", "QuantizedEmbedding", "SplitRowsLinear"]

@@ -334,27 +334,3 @@ class QuantPlugin(Plugin):
             return int8
         rest = self.quantize_weight(weight[rows:], None if bias is None else bias[rows:], weight.dtype)
         return SplitRowsLinear([int8, rest])
-
-    def make_options(self, **changes) -> Any:
-        """A copy of this plugin's options with ``changes`` (used by the checkpoint loader)."""
-        import dataclasses
-
-        return dataclasses.replace(self.options, **changes)
-
-
-def layer_report(model: torch.nn.Module) -> dict:
-    """Weight bytes of ``model`` as loaded (parameters + buffers, each tensor once) and by module kind."""
-    seen: set[int] = set()
-    total = 0
-    by_kind: dict[str, int] = {}
-    for mod_name, mod in model.named_modules():
-        kind = getattr(mod, "kind", None) or ("float" if list(mod.parameters(recurse=False)) else None)
-        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            n = t.numel() * t.element_size()
-            total += n
-            if kind:
-                by_kind[kind] = by_kind.get(kind, 0) + n
-    return {"weight_bytes": total, "by_kind": by_kind}

@@ -19,6 +19,7 @@ from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, QuantP
 
 MANIFEST = "manifest.json"
 WEIGHTS = "quantized.safetensors"
+SEP = "::"  # tensor keys: "<group module name>::<tensor name>"
 FORMAT = "tokenmill-quantized"
 VERSION = 1
 CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -70,7 +71,7 @@ def save_quantized(pipe, out_dir: str | os.PathLike, *, source_yaml: str | None 
             meta, ts = q.portable_state()
             manifest["groups"][name] = meta
             for key, t in ts.items():
-                tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
+                tensors[f"{name}{SEP}{key}"] = t.detach().to("cpu").contiguous().clone()
         entry["group"] = groups[id(q)]
         manifest["layers"][name] = entry
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
@@ -152,8 +153,8 @@ class CheckpointLoader:
             from tokenmill.plugins.quant import LINEAR_KINDS
 
             meta = self.manifest["groups"][prefix]
-            keys = [k for k in self.file.keys() if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1:]]
-            tensors = {k[len(prefix) + 1:]: self.file.get_tensor(k) for k in keys}
+            head = prefix + SEP
+            tensors = {k[len(head):]: self.file.get_tensor(k) for k in self.file.keys() if k.startswith(head)}
             opts = self.plugin.options
             cd = resolve_compute_dtype(opts.compute_dtype, model_dtype, device)
             extra = {"compile_kernels": getattr(opts, "compile_kernels", True)}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tokenmill.plugins.quant.base import (COMPILE_BROKEN, QuantLinear, QuantOptions, QuantPlugin, pad_to,
                                          resolve_compute_dtype, run_kernel)
 
-DEFAULT_KERNEL_MAX_ROWS = 4
+DEFAULT_KERNEL_MAX_ROWS = 1  # the GEMV compiles per row count; more rows use compiled dequant + GEMM
 DQ_BLOCK = 256  # double quantization: absmax constants per int8 block
 
 NF4_QLORA = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

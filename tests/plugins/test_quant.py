@@ -160,8 +160,10 @@ def quant_pipe(model_dir, plugin: str, opts: dict | None = None, **extra) -> Pip
 
 # hidden size 64 makes per-row / per-group constants relatively larger than in real models (the default
 # model's ratios are measured by benchmarks/quant.py: int8 0.25x, int4 g32 0.16x, nf4 0.14x)
-@pytest.mark.parametrize("plugin,opts,max_ratio", [("int8", {}, 0.28), ("int4", {"group_size": 32}, 0.18),
-                                                   ("nf4", {"compile_kernels": False}, 0.17)])
+@pytest.mark.parametrize("plugin,opts,max_ratio", [
+    ("int8", {}, 0.28), ("int4", {"group_size": 32, "compile_kernels": False}, 0.18),
+    ("nf4", {"compile_kernels": False}, 0.17),
+    ("int4", {"group_size": 32, "lm_head_int8_rows": 20000, "compile_kernels": False}, 0.21)])
 def test_tied_embedding_shares_one_quantized_copy(tiny_qwen_dir, plugin, opts, max_ratio):
     base = Pipeline.from_dict(tiny_pipeline_dict(tiny_qwen_dir), progress=False)
     pipe = quant_pipe(tiny_qwen_dir, plugin, opts)
@@ -171,8 +173,12 @@ def test_tied_embedding_shares_one_quantized_copy(tiny_qwen_dir, plugin, opts, m
     assert "model.embed_tokens" in pipe.quantized_layers and "lm_head" in pipe.quantized_layers
     ratio = pipe.info()["weight_bytes"] / base.info()["weight_bytes"]
     assert ratio <= max_ratio, ratio
-    ids = torch.tensor([[1, 5, 200]])
+    ids = torch.tensor([[1, 5, 200, 19999, 20000, 40000]])
     assert torch.equal(emb(ids), model.lm_head.dequantize()[ids])
+    if opts.get("lm_head_int8_rows"):  # first rows int8, the rest int4, one module serving both ends
+        assert [p.kind for p in model.lm_head.parts] == ["int8", plugin]
+        x = torch.randn(3, model.config.hidden_size)
+        close(model.lm_head(x), model.lm_head.reference_forward(x), 1e-2)
     assert model.model.layers[0].self_attn.q_proj.bias is not None  # qwen2 biases carried over
     out = pipe.generate(["Hello there"], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert len(out.token_ids) == 6
@@ -226,8 +232,8 @@ def test_compiled_quantized_matches_eager(tiny_llama_dir):
 
 
 # ------------------------------------------------------------------------------------ save and load
-@pytest.mark.parametrize("plugin,opts", [("int4", {"group_size": 64}), ("nf4", {"compile_kernels": False}),
-                                         ("int8", {})])
+@pytest.mark.parametrize("plugin,opts", [("int4", {"group_size": 64, "lm_head_int8_rows": 30000}),
+                                         ("nf4", {"compile_kernels": False}), ("int8", {})])
 def test_saved_checkpoint_reloads_identically(tiny_qwen_dir, tmp_path, plugin, opts):
     from tokenmill.plugins.quant.checkpoint import save_quantized
 
