@@ -17,7 +17,8 @@ Every row is the pipeline of ``pipelines/speculative.yaml`` (continuous_batching
 swapped, ``adaptive: false`` (the adaptive switch is for batches):
 
 * ``plain``: no drafter;
-* ``self_int8`` / ``self_int4`` (/ ``self_nf4``): ``speculative`` with the target's own weights quantized;
+* ``self_int8`` / ``self_int4`` (/ ``self_nf4``): ``speculative`` with the target's own weights quantized (the
+  plugin's self-draft defaults), the draft compiled (``compile_draft: true``; ``--no-compile-draft``: eager);
 * ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, ngram 3..1);
 * ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist);
 * ``draft_model``: ``speculative`` with a *locally built* draft: a layer-truncated copy of the default model (its
@@ -95,7 +96,13 @@ def concurrent_requests(sets: dict[str, list[dict]], n: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- rows
 def parse_row(row: str) -> tuple[str, int | None]:
     base, _, k = row.partition(":")
-    return base, (int(k) if k else None)
+    return base, (int(k.partition(":")[0]) if k else None)
+
+
+def short_override(row: str) -> int | None:
+    """``prompt_lookup:K:S`` -> S (``short_draft_tokens``; 0 = no cap), else None."""
+    parts = row.split(":")
+    return int(parts[2]) if len(parts) > 2 else None
 
 
 def row_kind(row: str) -> str:
@@ -114,15 +121,21 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
     if kind == "plain":
         return base, None, "plain decode (no drafter)"
     if kind in ("self_int8", "self_int4", "self_nf4"):
-        return base, {"speculative": dict(common, draft=kind)}, f"speculative {kind}, k={k}{ad}"
+        cd = ", compiled draft" if cfg["compile_draft"] else ""
+        return base, {"speculative": dict(common, draft=kind, compile_draft=cfg["compile_draft"])}, \
+            f"speculative {kind}, k={k}{ad}{cd}"
     if kind == "prompt_lookup":
-        return base, {"prompt_lookup": dict(common, max_ngram=3, min_ngram=1)}, f"prompt_lookup ngram 3..1, k={k}{ad}"
+        short = short_override(row)
+        short = cfg["pl_short"] if short is None else short
+        cap = f", shorter matches <= {short}" if short else ""
+        return base, {"prompt_lookup": dict(common, max_ngram=3, min_ngram=1, short_draft_tokens=short or None)}, \
+            f"prompt_lookup ngram 3..1, k={k}{cap}{ad}"
     if kind == "medusa":
         return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact")}, \
             f"medusa (exact), k={k}{ad}"
     if kind == "draft_model":
         n, total = cfg["draft_layers"], cfg.get("target_layers", "?")
-        return base, {"speculative": dict(common, draft=cfg["draft_dir"])}, \
+        return base, {"speculative": dict(common, draft=cfg["draft_dir"], compile_draft=cfg["compile_draft"])}, \
             f"draft_model: LOCAL layer-truncated copy of the default model ({n} of {total} layers, untrained), " \
             f"k={k}{ad}"
     raise ValueError(f"unknown row {row!r}")
@@ -474,7 +487,12 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=None, metavar="N", help="N requests at once instead")
     ap.add_argument("--repeats", type=int, default=1, help="batch 1: run the rows round-robin R times, best per prompt")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens of speculative / medusa / draft_model")
-    ap.add_argument("--pl-k", type=int, default=6, help="num_speculative_tokens of prompt_lookup")
+    ap.add_argument("--pl-k", type=int, default=16, help="num_speculative_tokens of prompt_lookup")
+    ap.add_argument("--pl-short", type=int, default=2,
+                    help="prompt_lookup short_draft_tokens: matches shorter than max_ngram propose at most this "
+                         "many (0: no cap); a row prompt_lookup:K:S sets both")
+    ap.add_argument("--no-compile-draft", action="store_true",
+                    help="run draft models eagerly (default: compile_draft: true, as in pipelines/speculative.yaml)")
     ap.add_argument("--draft-layers", type=int, default=8, help="layers kept in the truncated draft model")
     ap.add_argument("--medusa-heads", default=None, help="default pipelines/medusa/<model>")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each row's process")
@@ -514,6 +532,7 @@ def main() -> None:
 
     heads = Path(args.medusa_heads) if args.medusa_heads else ROOT / "pipelines" / "medusa" / args.model
     cfg = {"model": args.model, "threads": args.threads, "new_tokens": new_tokens, "k": args.k, "pl_k": args.pl_k,
+           "compile_draft": not args.no_compile_draft, "pl_short": args.pl_short,
            "medusa_heads": str(heads.resolve()), "draft_layers": args.draft_layers,
            "draft_dir": str((RESULTS / f"draft-trunc{args.draft_layers}").resolve())}
     draft_info = None

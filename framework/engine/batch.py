@@ -81,7 +81,8 @@ def next_bucket(n: int, buckets: list[int]) -> int:
 
 def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: int, *,
                 window: int | None = None, device: torch.device | str = "cpu",
-                decode_buckets: list[int] | None = None, kv_multiple: int = 0) -> ForwardBatch:
+                decode_buckets: list[int] | None = None, kv_multiple: int = 0,
+                max_padded_tokens: int = 1) -> ForwardBatch:
     """Lay out one step.
 
     :param items: per sequence ``(new_token_ids, start_position, block_table, num_logits)``: the tokens to
@@ -93,8 +94,11 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         sizes with copies of the first item (same token, position and slot, so the duplicate K/V write is
         identical) and never ask their logits: a few fixed shapes for compiled graphs.
     :param kv_multiple: with ``decode_buckets``, pad the key length to a multiple of this.
+    :param max_padded_tokens: items of up to this many tokens each, all the same count, also take the
+        bucketed (compiled) layout: a draft model catching up on two tokens stays on its compiled path.
     """
-    padded = bool(decode_buckets) and all(len(x[0]) == 1 for x in items)
+    width = len(items[0][0])
+    padded = bool(decode_buckets) and width <= max_padded_tokens and all(len(x[0]) == width for x in items)
     if padded:
         pad = next_bucket(len(items), decode_buckets) - len(items)
         items = list(items) + [(items[0][0], items[0][1], items[0][2], 0)] * pad

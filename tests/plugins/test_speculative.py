@@ -162,3 +162,43 @@ def test_adaptive_switch_learns_the_faster_arm():
         on = sw.decide(2)
         sw.observe(150 if on else 90, 1.0)
     assert sw.decide(2) is True
+
+
+def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
+    """``compile_draft``: the draft's single-token steps run through torch.compile (bucketed batches); the
+    self_int8 draft of a tiny model agrees with its target almost always, and output stays exact."""
+    plugins = [{"speculative": {"draft": "self_int8", "compile_draft": True, "adaptive": False}}] + PAGED
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    out = [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
+    assert out == reference
+    drafter = pipe.pm.get_plugin("speculative")
+    assert drafter.runner.runner.compiled
+    spec = pipe.stats()["spec"]
+    assert spec["draft_tokens"] > 0 and spec["acceptance_rate"] > 0.5
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+
+
+def test_self_draft_defaults_and_overrides():
+    from tokenmill.plugins.speculative.draft_model import Speculative, self_draft_options
+
+    assert self_draft_options("int4", 1000, None) == {"group_size": 32, "lm_head_int8_rows": 1000}
+    assert self_draft_options("int4", 1000, {"group_size": 64}) == {"group_size": 64, "lm_head_int8_rows": 1000}
+    assert self_draft_options("int8", 1000, None) == {}
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        Speculative.Options(compile_mode="fastest")
+
+
+def test_prompt_lookup_caps_drafts_of_short_matches():
+    from tokenmill.plugins.speculative.prompt_lookup import PromptLookup, lookup_match
+    from tokenmill.sequence import Sequence
+
+    assert lookup_match([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3, 1, 4, 100) == ([7, 8, 1, 2], 3)
+    assert lookup_match([5, 6, 7, 5], 3, 1, 4, 100) == ([6, 7, 5], 1)
+    plugin = PromptLookup(PromptLookup.Options(num_speculative_tokens=4, short_draft_tokens=1, adaptive=False))
+    strong = Sequence(0, "a", [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], SamplingParams(max_tokens=4), 0.0)
+    weak = Sequence(1, "b", [5, 6, 7, 5], SamplingParams(max_tokens=4), 0.0)
+    assert plugin.draft([strong, weak]) == [[7, 8, 1, 2], [6]]
+    with pytest.raises(ValueError, match="short_draft_tokens must be >= 1"):
+        PromptLookup.Options(short_draft_tokens=0)
+    with pytest.raises(ValueError, match="full_draft_ngram must be in 1..max_ngram"):
+        PromptLookup.Options(full_draft_ngram=5)
