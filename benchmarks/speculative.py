@@ -19,13 +19,15 @@ swapped, ``adaptive: false`` (the adaptive switch is for batches):
 * ``plain``: no drafter;
 * ``self_int8`` / ``self_int4`` (/ ``self_nf4``): ``speculative`` with the target's own weights quantized (the
   plugin's self-draft defaults), the draft compiled (``compile_draft: true``; ``--no-compile-draft``: eager);
-* ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, ngram 3..1);
+* ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, default 16, ngram 3..1; a
+  match shorter than 3 proposes at most ``--pl-short``, default 2, as in ``pipelines/prompt-lookup.yaml``);
 * ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist);
 * ``draft_model``: ``speculative`` with a *locally built* draft: a layer-truncated copy of the default model (its
   first ``--draft-layers`` decoder layers, same embeddings / final norm / LM head, untrained), written once to
   ``results/draft-trunc<N>/``.
 
-``ROW:K`` (e.g. ``prompt_lookup:8``) overrides a drafter's ``num_speculative_tokens``. Each row runs in its own
+``ROW:K`` (e.g. ``prompt_lookup:8``) overrides a drafter's ``num_speculative_tokens``; ``prompt_lookup:K:S``
+also its ``short_draft_tokens`` (0: no cap). Each row runs in its own
 process (``--threads`` torch threads), plain first; with ``--repeats R`` the rows run round-robin R times and each
 prompt keeps its fastest time. Before every timed prompt the prefix cache is cleared, so prompts are measured
 independently of their order. tok/s = generated tokens / wall time of ``generate()`` (prefill included), one

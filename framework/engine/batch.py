@@ -90,15 +90,16 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         logits (0 for a middle prefill chunk).
     :param block_size: tokens per KV block.
     :param window: sliding-window size of the model, if any.
-    :param decode_buckets: when every item is a single-token decode, pad the batch to the next of these
-        sizes with copies of the first item (same token, position and slot, so the duplicate K/V write is
+    :param decode_buckets: when every item is a single-token decode and there are at most as many items as
+        the largest bucket, pad the batch to the next of these sizes with copies of the first item (same token, position and slot, so the duplicate K/V write is
         identical) and never ask their logits: a few fixed shapes for compiled graphs.
     :param kv_multiple: with ``decode_buckets``, pad the key length to a multiple of this.
     :param max_padded_tokens: items of up to this many tokens each, all the same count, also take the
         bucketed (compiled) layout: a draft model catching up on two tokens stays on its compiled path.
     """
     width = len(items[0][0])
-    padded = bool(decode_buckets) and width <= max_padded_tokens and all(len(x[0]) == width for x in items)
+    padded = (bool(decode_buckets) and len(items) <= decode_buckets[-1] and width <= max_padded_tokens
+              and all(len(x[0]) == width for x in items))
     if padded:
         pad = next_bucket(len(items), decode_buckets) - len(items)
         items = list(items) + [(items[0][0], items[0][1], items[0][2], 0)] * pad

@@ -28,6 +28,7 @@ from tokenmill.sampling import draw, filtered_probs
 from tokenmill.sequence import Sequence
 
 SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
+DRAFT_BUCKETS = [1, 2, 4, 8, 16]  # batch sizes the compiled draft pads to; more sequences run eagerly
 CATCH_UP_COMPILED = 2  # catch-up steps of up to this many tokens per sequence take the compiled path
 HEAD_INT8 = "vocab"  # placeholder in the defaults below: every row of the LM head in int8
 SELF_DRAFT_DEFAULTS = {"int8": {}, "int4": {"group_size": 32, "lm_head_int8_rows": HEAD_INT8},
@@ -79,6 +80,20 @@ class DraftModelRunner:
         self.free_rows = list(range(max_seqs - 1, -1, -1))
         self.rows: dict[int, tuple[Sequence, int]] = {}
         self.seen: dict[int, list[int]] = {}  # tokens whose KV the draft cache holds, per sequence
+
+    def warm_up(self) -> None:
+        """Compile the draft's graphs now, not on the first requests: batch 1 and 2, one- and two-token steps
+        (with ``dynamic`` shapes these cover every later batch size, step width and key length)."""
+        if not self.runner.compiled:
+            return
+        rows = [r for r in (0, 1) if r < len(self.free_rows)]
+        for b in range(1, len(rows) + 1):
+            for width in range(1, CATCH_UP_COMPILED + 1):
+                items = [([0] * width, 0, [row], 1) for row in rows[:b]]
+                self.runner.forward(build_batch(items, self.max_len, window=self.runner.window,
+                                                device=self.runner.device, decode_buckets=self.runner.decode_buckets,
+                                                kv_multiple=self.runner.kv_multiple,
+                                                max_padded_tokens=CATCH_UP_COMPILED))
 
     def _release_finished(self) -> None:
         for sid, (seq, row) in list(self.rows.items()):
@@ -185,9 +200,13 @@ class Speculative(DrafterPlugin):
                     f"({len(loaded.tokenizer)} vs {len(context.tokenizer)} tokens); a draft must use the same "
                     "tokenizer")
             model = loaded.model
-        compile_spec = CompileSpec(enabled=True, mode=opts.compile_mode) if opts.compile_draft else None
+        # one shape-generic graph (dynamic) for up to DRAFT_BUCKETS[-1] sequences: a graph per batch size, step
+        # width and key length would recompile for minutes under a changing batch; larger batches run eagerly
+        compile_spec = CompileSpec(enabled=True, mode=opts.compile_mode, dynamic=True,
+                                   buckets=DRAFT_BUCKETS) if opts.compile_draft else None
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
                                        compile_spec=compile_spec)
+        self.runner.warm_up()
 
     def draft(self, seqs: list[Sequence]) -> list[Draft]:
         assert self.runner is not None, "configure was not called"
