@@ -30,17 +30,16 @@ from tokenmill.sequence import Sequence
 SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
 DRAFT_BUCKETS = [1, 2, 4, 8, 16]  # batch sizes the compiled draft pads to; more sequences run eagerly
 CATCH_UP_COMPILED = 2  # catch-up steps of up to this many tokens per sequence take the compiled path
-HEAD_INT8 = "vocab"  # placeholder in the defaults below: every row of the LM head in int8
-SELF_DRAFT_DEFAULTS = {"int8": {}, "int4": {"group_size": 32, "lm_head_int8_rows": HEAD_INT8},
-                       "nf4": {"block_size": 32, "lm_head_int8_rows": HEAD_INT8}}
+SELF_DRAFT_GRID = {"int4": {"group_size": 32}, "nf4": {"block_size": 32}}  # finer than the plugins' defaults
 
 
 def self_draft_options(plugin_name: str, vocab_size: int, options: dict | None) -> dict:
-    """The self-draft's quantization options: the defaults above, overridden key by key by ``options``."""
-    out = dict(SELF_DRAFT_DEFAULTS.get(plugin_name, {}))
+    """The self-draft's quantization options, overridden key by key by ``options``: for int4 / nf4 a grid of
+    32 and every row of the LM head in int8 (an int4 head costs most of the acceptance); int8 as it is."""
+    out = {}
+    if plugin_name in SELF_DRAFT_GRID:
+        out = dict(SELF_DRAFT_GRID[plugin_name], lm_head_int8_rows=vocab_size)
     out.update(options or {})
-    if out.get("lm_head_int8_rows") == HEAD_INT8:
-        out["lm_head_int8_rows"] = vocab_size
     return out
 
 
@@ -89,11 +88,13 @@ class DraftModelRunner:
         rows = [r for r in (0, 1) if r < len(self.free_rows)]
         for b in range(1, len(rows) + 1):
             for width in range(1, CATCH_UP_COMPILED + 1):
-                items = [([0] * width, 0, [row], 1) for row in rows[:b]]
-                self.runner.forward(build_batch(items, self.max_len, window=self.runner.window,
-                                                device=self.runner.device, decode_buckets=self.runner.decode_buckets,
-                                                kv_multiple=self.runner.kv_multiple,
-                                                max_padded_tokens=CATCH_UP_COMPILED))
+                self._forward([([0] * width, 0, [row], 1) for row in rows[:b]])
+
+    def _forward(self, items: list) -> torch.Tensor:
+        r = self.runner
+        return r.forward(build_batch(items, self.max_len, window=r.window, device=r.device,
+                                     decode_buckets=r.decode_buckets, kv_multiple=r.kv_multiple,
+                                     max_padded_tokens=CATCH_UP_COMPILED))
 
     def _release_finished(self) -> None:
         for sid, (seq, row) in list(self.rows.items()):
@@ -129,11 +130,7 @@ class DraftModelRunner:
             self.seen[seq.seq_id] = list(seq.token_ids)
             items.append((new, common, [self.rows[seq.seq_id][1]], 1))
         for step in range(k):
-            logits = self.runner.forward(build_batch(items, self.max_len, window=self.runner.window,
-                                                     device=self.runner.device,
-                                                     decode_buckets=self.runner.decode_buckets,
-                                                     kv_multiple=self.runner.kv_multiple,
-                                                     max_padded_tokens=CATCH_UP_COMPILED))
+            logits = self._forward(items)
             items = []
             for row, seq in enumerate(active):
                 params = seq.params
