@@ -59,3 +59,43 @@ def bar_chart(name: str, labels: list[str], values: list[float], ylabel: str, ti
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- row processes
+def run_child(script: str, row: str, config: str, cwd: Path) -> dict:
+    """Run ``script --child ROW --child-config CONFIG --child-out FILE`` in a fresh process (so peak RSS is the
+    row's own) and return the JSON it wrote, or an error row with the end of its stderr; adds ``process_s``."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, script, "--child", row, "--child-config", config,
+                               "--child-out", str(out)], cwd=cwd, env=env, capture_output=True, text=True)
+        took = time.perf_counter() - t0
+        if out.exists():
+            res = json.loads(out.read_text())
+        else:
+            res = {"ok": False, "error": f"child exited with {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+        if not res["ok"]:
+            sys.stderr.write(proc.stderr[-3000:])
+    res["process_s"] = took
+    return res
+
+
+def write_child_result(out_path: str, compute) -> None:
+    """In a row's process: ``compute()`` (a dict) marked ``ok``, or the exception recorded as the row's error
+    (shown in the table instead of a number), plus peak RSS and torch threads, written as JSON."""
+    try:
+        res = dict(compute(), ok=True)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["threads"] = torch.get_num_threads()
+    Path(out_path).write_text(json.dumps(res))

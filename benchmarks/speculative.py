@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -291,39 +289,18 @@ def child_concurrent(row: str, cfg: dict) -> dict:
 def child(row: str, cfg_path: str, out_path: str) -> None:
     import torch
 
-    from common import peak_rss_mb
+    from common import write_child_result
 
     cfg = json.loads(Path(cfg_path).read_text())
     torch.set_num_threads(cfg["threads"])
-    try:
-        res = child_concurrent(row, cfg) if cfg["mode"] == "concurrent" else child_batch1(row, cfg)
-        res["ok"] = True
-    except Exception as exc:  # recorded in the table instead of a number (e.g. a quantization plugin missing)
-        import traceback
-
-        traceback.print_exc()
-        res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    res["peak_rss_mb"] = peak_rss_mb()
-    res["threads"] = torch.get_num_threads()
-    Path(out_path).write_text(json.dumps(res))
+    write_child_result(out_path, lambda: child_concurrent(row, cfg) if cfg["mode"] == "concurrent"
+                       else child_batch1(row, cfg))
 
 
 def run_row(row: str, cfg_path: Path) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", row, "--child-config", str(cfg_path),
-                               "--child-out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
-        took = time.perf_counter() - t0
-        if out.exists():
-            res = json.loads(out.read_text())
-        else:
-            res = {"ok": False, "error": f"child exited with {proc.returncode}: {proc.stderr.strip()[-400:]}"}
-        if not res["ok"]:
-            sys.stderr.write(proc.stderr[-3000:])
-    res["process_s"] = took
-    return res
+    from common import run_child
+
+    return run_child(__file__, row, str(cfg_path), ROOT)
 
 
 # ---------------------------------------------------------------------------------------------- draft model

@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -293,11 +290,12 @@ def row_tokenmill(cfg: dict, prompts: list[list[int]], which: str) -> dict:
 def child(row: str, cfg: dict, out_path: str) -> None:
     import torch
 
-    from common import peak_rss_mb
+    from common import write_child_result
 
     torch.set_num_threads(cfg["threads"])
     prompts = make_prompts(cfg["workload"], cfg["requests"], cfg["seed"])
-    try:
+
+    def compute() -> dict:
         if row == "hf_static":
             res = row_hf_static(cfg, prompts)
         elif row == "hf_batch":
@@ -305,36 +303,19 @@ def child(row: str, cfg: dict, out_path: str) -> None:
         else:
             res = row_tokenmill(cfg, prompts, row)
         gen = sum(len(t) for t in res["tokens"])
-        res.update(ok=True, generated_tokens=gen, tok_per_s=gen / res["wall_s"])
+        res.update(generated_tokens=gen, tok_per_s=gen / res["wall_s"])
         short = [i for i, t in enumerate(res["tokens"]) if len(t) != cfg["new_tokens"]]
         if short:
             res["warning"] = f"{len(short)} requests did not produce exactly {cfg['new_tokens']} tokens"
-    except Exception as exc:  # recorded in the table instead of a number
-        import traceback
+        return res
 
-        traceback.print_exc()
-        res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    res["peak_rss_mb"] = peak_rss_mb()
-    res["threads"] = torch.get_num_threads()
-    Path(out_path).write_text(json.dumps(res))
+    write_child_result(out_path, compute)
 
 
 def run_row(row: str, cfg: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", row, "--child-config", json.dumps(cfg),
-                               "--child-out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
-        took = time.perf_counter() - t0
-        if out.exists():
-            res = json.loads(out.read_text())
-        else:
-            res = {"ok": False, "error": f"child exited with {proc.returncode}: {proc.stderr.strip()[-400:]}"}
-        if not res["ok"]:
-            sys.stderr.write(proc.stderr[-3000:])
-    res["process_s"] = took
-    return res
+    from common import run_child
+
+    return run_child(__file__, row, json.dumps(cfg), ROOT)
 
 
 # ---------------------------------------------------------------------------------------------- parent
