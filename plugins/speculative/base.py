@@ -27,6 +27,7 @@ class DrafterPlugin(Plugin):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.switch = AdaptiveSwitch(never_above=self.options.max_batch_size)
+        self.batch_limit = self.options.max_batch_size  # a drafter may lower it where its fast path ends
         self.steps_on = 0
         self.steps_off = 0
 
@@ -36,8 +37,9 @@ class DrafterPlugin(Plugin):
     @hookimpl
     def propose_tokens(self, seqs: list[Sequence]):
         decoding = [s for s in seqs if s.num_output_tokens > 0]
+        self.switch.never_above = self.batch_limit
         on = self.switch.decide(len(seqs)) if self.options.adaptive else (
-            self.options.max_batch_size is None or len(seqs) <= self.options.max_batch_size)
+            self.batch_limit is None or len(seqs) <= self.batch_limit)
         if not on or not decoding:
             self.steps_off += 1
             if not decoding:

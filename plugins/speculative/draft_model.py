@@ -8,7 +8,8 @@ Self-drafts default to the settings that keep acceptance high for the least memo
 group 32 and the LM head in int8 (an int4 head costs most of the acceptance); ``draft_quant_options`` overrides
 them. ``compile_draft: true`` runs the draft's single-token steps through ``torch.compile`` (batch-size buckets,
 like the target's compiled decode path): drafting is k sequential small forwards, where per-op overhead
-dominates, so it pays even when the target runs eagerly.
+dominates, so it pays even when the target runs eagerly. With ``compile_draft`` and no ``max_batch_size``,
+steps of more than ``DRAFT_BUCKETS[-1]`` sequences do not speculate (the draft's eager path is slower there).
 """
 from __future__ import annotations
 
@@ -204,6 +205,10 @@ class Speculative(DrafterPlugin):
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
                                        compile_spec=compile_spec)
         self.runner.warm_up()
+        if opts.compile_draft and opts.max_batch_size is None:
+            # above the largest bucket the draft runs eagerly (and its quantized kernels would compile inside
+            # timed steps): no speculation there unless max_batch_size asks for it
+            self.batch_limit = DRAFT_BUCKETS[-1]
 
     def draft(self, seqs: list[Sequence]) -> list[Draft]:
         assert self.runner is not None, "configure was not called"

@@ -176,6 +176,11 @@ def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
     spec = pipe.stats()["spec"]
     assert spec["draft_tokens"] > 0 and spec["acceptance_rate"] > 0.5
     assert pipe.stats()["kv"]["used_blocks"] == 0
+    # above the compiled draft's largest bucket there is no speculation (the eager draft is slower there)
+    from types import SimpleNamespace
+
+    assert drafter.batch_limit == 16
+    assert drafter.propose_tokens(seqs=[SimpleNamespace(num_output_tokens=1)] * 17) is None
 
 
 def test_self_draft_defaults_and_overrides():
