@@ -84,6 +84,22 @@ def kv_stats():
     """
 
 
+@hookspec
+def calibrate(context):
+    """Look at the whole float model, once, after it is loaded and before ``quantize_layer`` is offered any layer.
+
+    For rewrites that need more than one layer at a time: a quantizer that compensates rounding errors with
+    calibration activations (GPTQ) runs the model on calibration text here, keeps its results, and hands them
+    out from ``quantize_layer``. Called only when some plugin implements it, and not when it has nothing to
+    do (e.g. a quantizer loading a saved checkpoint returns at once).
+
+    :param context: :class:`tokenmill.hooktypes.CalibrationContext`: the loaded model (leave its modules and
+        weights as they were when the hook returns: swaps go through ``quantize_layer``), its tokenizer,
+        name, device and dtype, and whether a progress bar may be shown.
+    :return: None. Every implementation is called.
+    """
+
+
 @hookspec(firstresult=True)
 def quantize_layer(name, module, model_config):
     """Replace one layer of the freshly loaded model with a quantized (or otherwise rewritten) module.
@@ -108,9 +124,11 @@ def propose_tokens(seqs):
     :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
         sequences whose final prefill chunk runs now. After the step all their tokens have KV.
     :return: a list parallel to ``seqs``, each a :class:`tokenmill.hooktypes.Draft` (tokens and, for a
-        sampling drafter, the distributions they were drawn from) or a plain token-id list (deterministic
-        drafts; empty for none), or None for no speculation this step. The engine reserves KV for the
-        drafts and drops those it cannot place. First non-None result wins.
+        sampling drafter, the distributions they were drawn from; or a tree of deterministic drafts through
+        ``Draft.parents``, verified in one forward under a tree attention mask) or a plain token-id list
+        (deterministic drafts; empty for none), or None for no speculation this step. The engine reserves
+        KV for the drafts (a tree deeper than the request's room is cut by depth) and drops those it cannot
+        place. First non-None result wins.
     """
 
 
@@ -123,7 +141,8 @@ def verify_tokens(batch):
     :param batch: :class:`tokenmill.hooktypes.VerifyInput` with the sequences, their logits rows,
         drafts and draft distributions.
     :return: a list parallel to ``batch.seqs``; each entry the accepted tokens in order (at least one: the
-        accepted drafts followed by the target's own next token). First non-None result wins.
+        accepted drafts followed by the target's own next token; for a draft tree, the tokens along one
+        root-to-node path, then the target's token). First non-None result wins.
     """
 
 

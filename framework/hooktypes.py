@@ -124,10 +124,45 @@ class Draft:
     ``probs`` (``[len(tokens), vocab]``) is the distribution each token was sampled from, after the
     request's temperature / top-k / top-p; None means the drafter is deterministic (one-hot), as for
     n-gram lookup or greedy drafting.
+
+    ``parents`` makes the drafts a *tree* verified in one forward (a tree attention mask): ``parents[i]`` is
+    the index of token ``i``'s parent among ``tokens`` (earlier in the list), or ``-1`` for a child of the
+    last accepted token; siblings must carry distinct tokens. None means a chain (``parents[i] == i - 1``).
+    Tree drafts are deterministic (``probs`` None).
     """
 
     tokens: list[int]
     probs: torch.Tensor | None = None
+    parents: list[int] | None = None
+
+    def cut(self, room: int) -> "Draft":
+        """At most ``room`` tokens deep: a chain keeps its first ``room`` tokens, a tree its nodes of depth <=
+        ``room`` (renumbered). Raises ValueError for a malformed tree (bad parents, probs, repeated siblings)."""
+        if self.parents is None:
+            return Draft(self.tokens[:room], None if self.probs is None or not room else self.probs[:room])
+        parents = self.parents
+        if len(parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise ValueError(f"draft tree parents {parents} must give each of the {len(self.tokens)} tokens an "
+                             "earlier parent index or -1")
+        if self.probs is not None:
+            raise ValueError("draft trees must be deterministic (probs None)")
+        if len(set(zip(parents, self.tokens))) != len(parents):
+            raise ValueError("sibling draft-tree nodes repeat a token")
+        keep, index = [], {-1: -1}
+        for i, depth in enumerate(self.depths()):
+            if depth <= room:
+                index[i] = len(keep)
+                keep.append(i)
+        return Draft([self.tokens[i] for i in keep], None, [index[parents[i]] for i in keep])
+
+    def depths(self) -> list[int]:
+        """1-based depth of each draft token (its offset from the last accepted token)."""
+        if self.parents is None:
+            return list(range(1, len(self.tokens) + 1))
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
 
 
 @dataclass(slots=True)
@@ -137,6 +172,8 @@ class VerifyInput:
     For sequence ``seqs[i]``, rows ``row_start[i] : row_start[i] + 1 + len(drafts[i])`` of ``logits`` are the
     target's distributions after the last accepted token and after each draft token in turn.
     ``draft_probs[i]`` is the drafter's distribution for each draft token, or None when deterministic.
+    ``parents[i]`` is not None for a draft tree (see :class:`Draft`): row ``row_start[i] + 1 + j`` is then the
+    distribution after draft ``j`` and its ancestors, and the answer is the accepted path's tokens plus one.
     """
 
     seqs: list[Sequence]
@@ -144,6 +181,22 @@ class VerifyInput:
     row_start: list[int]
     drafts: list[list[int]]
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+    parents: list[list[int] | None] = field(default_factory=list)
+
+    def tree(self, i: int) -> list[int] | None:
+        return self.parents[i] if self.parents else None
+
+
+@dataclass(slots=True)
+class CalibrationContext:
+    """The loaded float model before any layer is swapped (given once to ``calibrate``)."""
+
+    model: object              # the transformers model as loaded; run it, leave its modules and weights as found
+    tokenizer: object
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+    progress: bool = False     # whether long passes may show a progress bar
 
 
 @dataclass(slots=True)

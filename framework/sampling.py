@@ -92,3 +92,45 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
         return out
     out.append(draw(filtered_probs(logits[len(drafts)], params), generator))
     return out
+
+
+def tree_children(parents: list[int]) -> dict[int, list[int]]:
+    """``parents[i]`` (``-1``: the root, i.e. the last accepted token) -> children lists, in draft order."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    return children
+
+
+def tree_path(drafts: list[int], parents: list[int], accepted: list[int]) -> list[int]:
+    """The draft indices along the tree path that ``accepted`` (accepted drafts + one target token) took."""
+    children = tree_children(parents)
+    node, path = -1, []
+    for tok in accepted[:-1]:
+        node = next(c for c in children.get(node, []) if drafts[c] == tok)
+        path.append(node)
+    return path
+
+
+def verify_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params: SamplingParams,
+                generator: torch.Generator | None) -> list[int]:
+    """Accept a path of a draft *tree* (deterministic drafts) and append one target token, exactly.
+
+    :param logits: ``[len(drafts) + 1, vocab]``: row 0 after the last accepted token, row ``i + 1`` after
+        draft ``i`` (which followed its ancestors).
+    :param parents: parent index of each draft (``-1`` = the root); siblings carry distinct tokens.
+    :return: the tokens along the accepted path, then one token from the target. At each node the target's
+        token is chosen (argmax, or a draw from the filtered distribution) and the walk goes on into the
+        child holding that token, if any: every emitted token is the target's own choice, so the law is the
+        target's exactly.
+    """
+    children = tree_children(parents)
+    node, out = -1, []
+    while True:
+        row = logits[node + 1]
+        tok = int(row.argmax()) if params.greedy else draw(filtered_probs(row, params), generator)
+        out.append(tok)
+        nxt = next((c for c in children.get(node, []) if drafts[c] == tok), None)
+        if nxt is None:
+            return out
+        node = nxt

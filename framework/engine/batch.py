@@ -39,7 +39,8 @@ class ForwardBatch:
 
 
 def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: list[int], bt: torch.Tensor,
-           block_size: int, window: int | None, whole_batch: bool, kv_multiple: int = 0) -> AttnGroup:
+           block_size: int, window: int | None, whole_batch: bool, kv_multiple: int = 0,
+           trees: dict[int, torch.Tensor] | None = None) -> AttnGroup:
     b = len(seq_ids)
     t_max = max(counts)
     l_max = max(s + n for s, n in zip(starts, counts))
@@ -52,7 +53,7 @@ def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: li
     k = torch.arange(l_max)
     rows = bt[seq_ids]
     kv_idx = rows[:, (k // block_size).clamp(max=rows.shape[1] - 1)] * block_size + (k % block_size)
-    single = b == 1 and window is None and not kv_multiple
+    single = b == 1 and window is None and not kv_multiple and not trees
     if single and counts[0] == 1:                                # one decode: attend to every key
         mask, causal = None, False
     elif single and starts[0] == 0:                              # one whole prompt: plain causal
@@ -64,6 +65,10 @@ def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: li
             mask &= k[None, None, :] > qpos[:, :, None] - window
         pad = t[None, :] >= count[:, None]                       # padded query rows attend key 0 only
         mask |= pad[:, :, None] & (k == 0)[None, None, :]
+        for j, allowed in (trees or {}).items():  # a draft tree (after its root): ancestors only
+            n = allowed.shape[0]
+            r = counts[j] - n
+            mask[j, r:r + n, starts[j] + r:starts[j] + r + n] &= allowed
         mask = mask[:, None]
         causal = False
     if whole_batch and t_max == min(counts):
@@ -75,6 +80,17 @@ def _group(seq_ids: list[int], starts: list[int], counts: list[int], offsets: li
     return AttnGroup(tok, kv_idx, mask, causal, out_idx, out_sel)
 
 
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    """``[n+1, n+1]`` bool: token ``a`` (0 = the root, ``i + 1`` = draft ``i``) may attend to token ``b``, its
+    ancestor or itself (so row ``i + 1`` holds ``depth(i) + 1`` trues)."""
+    n = len(parents)
+    m = torch.eye(n + 1, dtype=torch.bool)
+    m[:, 0] = True
+    for i, p in enumerate(parents):
+        m[i + 1] |= m[p + 1]
+    return m
+
+
 def next_bucket(n: int, buckets: list[int]) -> int:
     return next((b for b in buckets if b >= n), n)
 
@@ -82,7 +98,8 @@ def next_bucket(n: int, buckets: list[int]) -> int:
 def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: int, *,
                 window: int | None = None, device: torch.device | str = "cpu",
                 decode_buckets: list[int] | None = None, kv_multiple: int = 0,
-                max_padded_tokens: int = 1) -> ForwardBatch:
+                max_padded_tokens: int = 1,
+                trees: dict[int, list[int]] | None = None) -> ForwardBatch:
     """Lay out one step.
 
     :param items: per sequence ``(new_token_ids, start_position, block_table, num_logits)``: the tokens to
@@ -96,10 +113,13 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
     :param kv_multiple: with ``decode_buckets``, pad the key length to a multiple of this.
     :param max_padded_tokens: items of up to this many tokens each, all the same count, also take the
         bucketed (compiled) layout: a draft model catching up on two tokens stays on its compiled path.
+    :param trees: ``{item index: parents}`` for items whose last tokens are a draft tree (see
+        :class:`tokenmill.hooktypes.Draft`) after its root, the last accepted token: each draft sits at
+        position ``root + depth`` while its K/V goes to the next slot in order, and sees only its ancestors.
     """
     width = len(items[0][0])
     padded = (bool(decode_buckets) and len(items) <= decode_buckets[-1] and width <= max_padded_tokens
-              and all(len(x[0]) == width for x in items))
+              and all(len(x[0]) == width for x in items) and not trees)
     if padded:
         pad = next_bucket(len(items), decode_buckets) - len(items)
         items = list(items) + [(items[0][0], items[0][1], items[0][2], 0)] * pad
@@ -115,6 +135,12 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
     seq_of_tok = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
     pos = torch.tensor(starts)[seq_of_tok] + (torch.arange(acc) - torch.tensor(offsets)[seq_of_tok])
     slots = bt[seq_of_tok, pos // block_size] * block_size + pos % block_size
+    allowed: dict[int, torch.Tensor] = {}
+    for i, parents in (trees or {}).items():
+        m = tree_mask(parents)
+        first = offsets[i] + counts[i] - len(parents)
+        pos[first:first + len(parents)] += m[1:].sum(1) - 1 - torch.arange(1, len(parents) + 1)
+        allowed[i] = m
     # attention groups: decodes together; prefill chunks bucketed by length (power of two) so a short
     # chunk is not padded to the longest one in the step
     buckets: dict[int, list[int]] = {}
@@ -126,7 +152,8 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
             groups.append(_group(members, [starts[i] for i in members], [counts[i] for i in members],
                                  [offsets[i] for i in members], bt, block_size, window,
                                  whole_batch=len(members) == len(items),
-                                 kv_multiple=kv_multiple if padded else 0))
+                                 kv_multiple=kv_multiple if padded else 0,
+                                 trees={j: allowed[i] for j, i in enumerate(members) if i in allowed}))
     logits_idx = [offsets[i] + counts[i] - k for i, x in enumerate(items) for k in range(x[3], 0, -1)]
     batch = ForwardBatch(ids, pos, slots, groups, torch.tensor(logits_idx, dtype=torch.long), padded)
     if torch.device(device).type != "cpu":

@@ -16,6 +16,7 @@ from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
 from tokenmill.hooktypes import Draft, ScheduleInput, SchedulerLimits, StepStats, VerifyInput
 from tokenmill.params import SamplingParams
+from tokenmill.sampling import tree_path
 from tokenmill.sequence import Sequence, SeqStatus
 
 
@@ -154,21 +155,25 @@ class Engine:
         drafts = self._propose([s.seq for s in producing])
         draft_of = {s.seq.seq_id: d.tokens for s, d in zip(producing, drafts)}
         probs_of = {s.seq.seq_id: d.probs for s, d in zip(producing, drafts)}
-        items = []
+        tree_of = {s.seq.seq_id: d.parents for s, d in zip(producing, drafts) if d.parents is not None}
+        items, trees = [], {}
         for s in plan.scheduled:
             seq = s.seq
             d = draft_of.get(seq.seq_id)
             c = seq.num_computed_tokens
             new = seq.token_ids[c:c + s.num_new_tokens] + (d or [])
+            if seq.seq_id in tree_of:
+                trees[len(items)] = tree_of[seq.seq_id]
             items.append((new, c, seq.block_table, 0 if d is None else 1 + len(d)))
         t_fwd = time.perf_counter()
         try:
             batch = build_batch(items, self.runner.pool.block_size, window=self.runner.window,
                                 device=self.runner.device, decode_buckets=self.runner.decode_buckets,
-                                kv_multiple=self.runner.kv_multiple)
+                                kv_multiple=self.runner.kv_multiple, trees=trees)
             logits = self.runner.forward(batch)
             verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing],
-                                 [probs_of[s.seq.seq_id] for s in producing])
+                                 [probs_of[s.seq.seq_id] for s in producing],
+                                 [tree_of.get(s.seq.seq_id) for s in producing] if tree_of else [])
             row = 0
             for d in verify.drafts:
                 verify.row_start.append(row)
@@ -182,11 +187,14 @@ class Engine:
 
         generated = num_draft = num_accepted = 0
         accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
+        paths = self._tree_paths(verify, accepted, chunks) if tree_of else {}
         hidden = self.runner.last_hidden
         if hidden is not None:
             for i, s in enumerate(producing):
                 if accepted[i]:
-                    s.seq.last_hidden = hidden[verify.row_start[i] + len(accepted[i]) - 1]
+                    path = paths.get(i)
+                    last = (path[-1] + 1 if path else 0) if path is not None else len(accepted[i]) - 1
+                    s.seq.last_hidden = hidden[verify.row_start[i] + last]
         for s in plan.scheduled:
             seq = s.seq
             if seq.is_finished:
@@ -201,10 +209,12 @@ class Engine:
                                        f"{len(draft_of[seq.seq_id])} drafts (allowed: 1 to drafts + 1)")
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
                 drafted = draft_of[seq.seq_id]
-                if drafted:
-                    num_draft += len(drafted)
+                if drafted:  # a tree counts the positions it speculated on (its depth)
+                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted, None,
+                                                                                     tree_of[seq.seq_id]).depths())
+                    num_draft += depth
                     num_accepted += len(toks) - 1
-                    self.stats.on_drafts(len(drafted), len(toks) - 1)
+                    self.stats.on_drafts(depth, len(toks) - 1)
                 generated += self._append(seq, toks, chunks)
                 if drafted and not seq.is_finished:
                     self.hook.trim_kv(seq=seq)
@@ -236,13 +246,34 @@ class Engine:
             n = 1 + len(verify.drafts[i])
             start = verify.row_start[i]
             one = VerifyInput([seq], verify.logits[start:start + n], [0], [verify.drafts[i]],
-                              [verify.draft_probs[i]] if verify.draft_probs else [])
+                              [verify.draft_probs[i]] if verify.draft_probs else [],
+                              [verify.tree(i)] if verify.parents else [])
             try:
                 accepted.append(self.hook.verify_tokens(batch=one)[0])
             except Exception as exc:
                 self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
                 accepted.append([])
         return accepted
+
+    def _tree_paths(self, verify: VerifyInput, accepted: list[list[int]],
+                    chunks: dict[str, StreamChunk]) -> dict[int, list[int]]:
+        """For each tree draft: the accepted path's draft indices; its K/V moves to consecutive positions."""
+        paths = {}
+        for i, seq in enumerate(verify.seqs):
+            parents = verify.tree(i)
+            if parents is None or not accepted[i]:
+                continue
+            try:
+                path = tree_path(verify.drafts[i], parents, accepted[i])
+                start = seq.num_computed_tokens + seq.num_uncomputed_tokens  # the first draft's slot
+                moved = [(start + j, start + k) for k, j in enumerate(path) if j != k]
+                if moved:
+                    self.runner.move_kv(seq.block_table, [a for a, _ in moved], [b for _, b in moved])
+                paths[i] = path
+            except Exception as exc:  # a verifier answering off the tree fails its request alone
+                self._finish(seq, "error", error=f"verify_tokens left the draft tree: {type(exc).__name__}: {exc}",
+                             chunks=chunks)
+        return paths
 
     def _warn_once(self, hook: str, exc: Exception) -> None:
         if hook not in self._warned:
@@ -265,12 +296,17 @@ class Engine:
         out = []
         for seq, d in zip(seqs, proposals):
             d = d if isinstance(d, Draft) else Draft(list(d or []))
-            room = min(seq.params.max_tokens - seq.num_output_tokens - 1,
-                       self.limits.max_model_len - seq.num_tokens - 1)
-            k = min(len(d.tokens), max(room, 0))
+            room = max(0, min(seq.params.max_tokens - seq.num_output_tokens - 1,
+                              self.limits.max_model_len - seq.num_tokens - 1))
+            try:
+                d = d.cut(room)
+            except ValueError as exc:  # a malformed draft costs speed, not the request
+                self._warn_once("propose_tokens", exc)
+                d = Draft([])
+            k = len(d.tokens)
             if k and not self.kv.allocate(seq, seq.num_uncomputed_tokens + k):
-                k = 0
-            out.append(Draft(d.tokens[:k], None if d.probs is None or not k else d.probs[:k]))
+                d = Draft([])
+            out.append(d)
         return out
 
     def _append(self, seq: Sequence, toks: list[int], chunks: dict[str, StreamChunk]) -> int:

@@ -122,6 +122,19 @@ class ModelRunner:
         self.last_hidden = hidden  # final (normed) hidden states of the logits rows, for Medusa-style heads
         return logits
 
+    @torch.inference_mode()
+    def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:
+        """Copy the K/V at positions ``src`` of a sequence to positions ``dst`` (in order, every layer): the
+        accepted path of a draft tree moves to consecutive positions."""
+        bs = self.pool.block_size
+
+        def slots(positions):
+            return torch.tensor([block_table[p // bs] * bs + p % bs for p in positions], device=self.device)
+
+        s, d = slots(src), slots(dst)
+        for cache in (*self.pool.k, *self.pool.v):
+            cache.index_copy_(0, d, cache.index_select(0, s))
+
     def _forward_impl(self, input_ids, positions, slot_mapping, groups, logits_idx, k_pool, v_pool):
         n = input_ids.shape[0]
         h = self.embed(input_ids)

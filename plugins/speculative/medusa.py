@@ -3,8 +3,10 @@
 Head ``k`` is ``k_layers`` residual blocks ``x + SiLU(W x + b)`` (``W`` zero-initialised, so an untrained
 head starts as the base model's own next-token prediction) followed by the base model's LM head (shared,
 frozen). Reading the hidden state at the last accepted token ``p`` (whose logits gave token ``p+1``),
-head ``k`` predicts token ``p+2+k``. Drafts form a chain of each head's top-1 token, verified by the
-target in the same forward as the regular decode token.
+head ``k`` predicts token ``p+2+k``. Drafts form a candidate tree (``tree``: paths of top-k ranks, e.g.
+``[0, 1]`` = head 0's best token followed by head 1's second best) verified by the target in one forward
+under a tree attention mask, together with the regular decode token; without ``tree`` a chain of each head's
+top-1 token.
 
 Acceptance: ``exact`` leaves verification to the default sampler (greedy prefix match, or exact
 speculative sampling with the heads' drafts treated as deterministic); ``typical`` accepts a draft ``x``
@@ -22,15 +24,16 @@ import torch
 from torch import nn
 
 from tokenmill.errors import PipelineError
-from tokenmill.hooktypes import PipelineContext, VerifyInput
+from tokenmill.hooktypes import Draft, PipelineContext, VerifyInput
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
-from tokenmill.sampling import draw, filtered_probs, verify_drafts
+from tokenmill.sampling import draw, filtered_probs, tree_children, verify_drafts, verify_tree
 from tokenmill.sequence import Sequence
 
 WEIGHTS = "medusa_heads.safetensors"
 CONFIG = "medusa_config.json"
 DATA = Path(__file__).parent / "data" / "medusa_prompts.json"
+MAX_RANK = 16  # deepest top-k rank a tree may name
 
 
 class ResBlock(nn.Module):
@@ -95,6 +98,37 @@ def typical_accept(logits: torch.Tensor, drafts: list[int], params, generator, e
     return out
 
 
+def typical_accept_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params, generator,
+                        epsilon: float, delta: float) -> list[int]:
+    """Typical acceptance down a candidate tree: at each node the child the target finds most likely among
+    those passing the criterion, then one token sampled from the target after the last accepted node."""
+    children = tree_children(parents)
+    node, out = -1, []
+    while True:
+        p = filtered_probs(logits[node + 1], params)
+        entropy = float(-(p * torch.log(p.clamp_min(1e-12))).sum())
+        bound = min(epsilon, delta * math.exp(-entropy))
+        ok = [c for c in children.get(node, []) if float(p[drafts[c]]) > bound]
+        if not ok:
+            out.append(draw(p, generator))
+            return out
+        node = max(ok, key=lambda c: float(p[drafts[c]]))
+        out.append(drafts[node])
+
+
+def tree_layout(paths: list[list[int]], num_heads: int) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Validate a candidate tree given as rank paths; -> (paths ordered parents first, parent index of each)."""
+    nodes = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+    for p in nodes:
+        if not p or len(p) > num_heads or any(not 0 <= r < MAX_RANK for r in p):
+            raise ValueError(f"tree path {list(p)}: need 1..{num_heads} ranks (one per head), each in "
+                             f"0..{MAX_RANK - 1}")
+        if len(p) > 1 and p[:-1] not in nodes:
+            raise ValueError(f"tree path {list(p)} has no parent path {list(p[:-1])} in the tree")
+    index = {p: i for i, p in enumerate(nodes)}
+    return nodes, [index[p[:-1]] if len(p) > 1 else -1 for p in nodes]
+
+
 class Medusa(DrafterPlugin):
     """Medusa decoding heads (see the module docstring)."""
 
@@ -106,9 +140,16 @@ class Medusa(DrafterPlugin):
         acceptance: str = "exact"       # exact | typical
         typical_epsilon: float = 0.09
         typical_delta: float = 0.3
+        tree: list[list[int]] | None = None  # candidate paths of top-k ranks; None: a chain of top-1 tokens
 
         def __post_init__(self) -> None:
             DrafterPlugin.Options.__post_init__(self)
+            if self.tree is not None:
+                if not self.tree or not all(isinstance(p, list) and all(isinstance(r, int) for r in p)
+                                            for p in self.tree):
+                    raise ValueError(f"tree must be a non-empty list of rank paths like [[0], [1], [0, 0]], "
+                                     f"got {self.tree!r}")
+                tree_layout(self.tree, 16)
             if not self.heads:
                 raise ValueError("heads must name a directory of trained heads (tokenmill train-medusa)")
             if self.acceptance not in ("exact", "typical"):
@@ -126,20 +167,33 @@ class Medusa(DrafterPlugin):
         self.heads, meta = MedusaHeads.load(path, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
         self.heads.to(device=context.device, dtype=context.dtype)
         self.lm_head = context.model.lm_head
-        k = min(self.options.num_speculative_tokens, self.heads.num_heads)
-        self.k = k
+        self.k = min(self.options.num_speculative_tokens, self.heads.num_heads)
+        self.tree = None
+        if self.options.tree is not None:
+            try:
+                self.tree = tree_layout(self.options.tree, self.heads.num_heads)
+            except ValueError as exc:
+                raise PipelineError(f"medusa tree: {exc} (the heads in {path} are {self.heads.num_heads})") from exc
+            self.k = max(len(p) for p in self.tree[0])
+            self.ranks = max(r for p in self.tree[0] for r in p) + 1
 
     @torch.inference_mode()
-    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
+    def draft(self, seqs: list[Sequence]) -> list:
         ready = [i for i, s in enumerate(seqs) if s.last_hidden is not None]
         out: list[list[int]] = [[] for _ in seqs]
         if not ready:
             return out
         h = torch.stack([seqs[i].last_hidden for i in ready])
         logits = self.lm_head(self.heads(h)[: self.k])              # [k, B, vocab]
-        best = logits.argmax(-1).T.tolist()                          # [B, k]
+        if self.tree is None:
+            best = logits.argmax(-1).T.tolist()                      # [B, k]
+            for j, i in enumerate(ready):
+                out[i] = best[j]
+            return out
+        top = logits.topk(self.ranks, dim=-1).indices.permute(1, 0, 2).tolist()  # [B, k, ranks]
+        paths, parents = self.tree
         for j, i in enumerate(ready):
-            out[i] = best[j]
+            out[i] = Draft([top[j][len(p) - 1][p[-1]] for p in paths], None, parents)
         return out
 
     @hookimpl
@@ -150,7 +204,12 @@ class Medusa(DrafterPlugin):
         for i, seq in enumerate(batch.seqs):
             d = batch.drafts[i]
             rows = batch.logits[batch.row_start[i]:batch.row_start[i] + 1 + len(d)]
-            if seq.params.greedy:
+            tree = batch.tree(i)
+            if tree is not None:
+                out.append(verify_tree(rows, d, tree, seq.params, seq.generator) if seq.params.greedy else
+                           typical_accept_tree(rows, d, tree, seq.params, seq.generator,
+                                               self.options.typical_epsilon, self.options.typical_delta))
+            elif seq.params.greedy:
                 out.append(verify_drafts(rows, d, None, seq.params, seq.generator))
             else:
                 out.append(typical_accept(rows, d, seq.params, seq.generator, self.options.typical_epsilon,

@@ -26,15 +26,24 @@ def test_zero_initialised_heads_start_as_identity():
     assert torch.equal(heads(h), h.expand(3, 5, 16))
 
 
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("tree", [None, TREE])
 @pytest.mark.parametrize("acceptance", ["exact", "typical"])
-def test_greedy_identical_with_medusa(tiny_llama_dir, trained_heads, acceptance):
+def test_greedy_identical_with_medusa(tiny_llama_dir, trained_heads, acceptance, tree):
     base = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     ref = [r.token_ids for r in base.generate(PROMPTS, params)]
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
-        {"medusa": {"heads": str(trained_heads), "adaptive": False, "acceptance": acceptance}}]), progress=False)
+        {"medusa": {"heads": str(trained_heads), "adaptive": False, "acceptance": acceptance, "tree": tree}},
+        {"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": 96}}]), progress=False)
     assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == ref
-    assert pipe.stats()["spec"]["draft_tokens"] > 0
+    spec = pipe.stats()["spec"]
+    assert spec["draft_tokens"] > 0
+    if tree:  # a tree counts its depth (3) as the positions drafted per step
+        assert len(spec["acceptance_by_position"]) == 3
+    assert pipe.stats()["kv"]["used_blocks"] == 0
     sampled = pipe.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True))
     assert all(len(r.token_ids) == 10 for r in sampled)
 
@@ -59,3 +68,11 @@ def test_heads_for_another_model_are_rejected(tiny_llama_dir, tmp_path):
     with pytest.raises(PipelineError, match="train-medusa"):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"medusa": {"heads": str(tmp_path / "x")}}]),
                            progress=False)
+
+
+def test_tree_option_errors(tiny_llama_dir, trained_heads):
+    for tree, msg in [([[0, 1]], "no parent path"), ([[]], "need 1"), ([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]],
+                                                                         "need 1..3"), ([[99]], "need 1")]:
+        with pytest.raises((PipelineError, ValueError), match=msg):
+            Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+                {"medusa": {"heads": str(trained_heads), "tree": tree}}]), progress=False)

@@ -9,6 +9,7 @@ from tokenmill import Pipeline, SamplingParams
 from tokenmill.plugins.speculative.adaptive import AdaptiveSwitch
 from tokenmill.plugins.speculative.prompt_lookup import lookup
 from tokenmill import sampling
+from tokenmill.plugin import hookimpl
 
 PROMPTS = ["one two three one two three one two", "abc abc abc abc", "x", "The cat sat on the mat. The cat"]
 PAGED = [{"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": 96}}]
@@ -207,3 +208,76 @@ def test_prompt_lookup_caps_drafts_of_short_matches():
         PromptLookup.Options(short_draft_tokens=0)
     with pytest.raises(ValueError, match="full_draft_ngram must be in 1..max_ngram"):
         PromptLookup.Options(full_draft_ngram=5)
+
+
+class TreeOracle:
+    """An inline drafter proposing a draft *tree* whose true path (from ``reference``) hides among wrong
+    siblings and takes non-consecutive slots, so the engine must mask by ancestry and move the path's K/V."""
+
+    name = "tree_oracle"
+
+    def __init__(self, reference: dict, vocab: int) -> None:
+        self.reference, self.vocab = reference, vocab
+
+    @hookimpl
+    def propose_tokens(self, seqs):
+        from tokenmill.hooktypes import Draft
+
+        out = []
+        for seq in seqs:
+            ref = self.reference.get(tuple(seq.prompt_token_ids), [])
+            t = ref[seq.num_output_tokens:seq.num_output_tokens + 3]
+            if len(t) < 3:
+                out.append(Draft([]))
+                continue
+            w = [(x + 1) % self.vocab for x in t]
+            #       wrong  true  (under wrong) true  wrong  wrong  true
+            tokens = [w[0], t[0], t[1], t[1], w[1], w[2], t[2]]
+            out.append(Draft(tokens, None, [-1, -1, 0, 1, 1, 3, 3]))
+        return out
+
+
+@pytest.mark.parametrize("batching", ["fcfs", "continuous"])
+def test_draft_tree_is_exact_and_moves_accepted_kv(tiny_llama_dir, reference, batching):
+    plugins = PAGED if batching == "continuous" else []
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    ids = [tuple(pipe.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    pipe.pm.register(TreeOracle(dict(zip(ids, reference)), pipe.loaded.model.config.vocab_size))
+    if batching == "fcfs":
+        out = [pipe.generate(p, params)[0].token_ids for p in PROMPTS]
+    else:
+        out = [r.token_ids for r in pipe.generate(PROMPTS, params)]
+    assert out == reference
+    spec = pipe.stats()["spec"]
+    # every tree holds the true path at depth 3: 3 accepted + 1 per step
+    assert spec["acceptance_rate"] == 1.0 and spec["mean_tokens_per_step"] > 3
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+
+
+def test_tree_verification_follows_the_targets_choice():
+    logits = torch.full((5, 8), -5.0)
+    for row, best in enumerate([2, 0, 6, 0, 7]):  # root, then after drafts 0..3
+        logits[row, best] = 5.0
+    drafts, parents = [5, 2, 3, 6], [-1, -1, 1, 1]   # root -> {5, 2}; 2 -> {3, 6}
+    assert sampling.verify_tree(logits, drafts, parents, SamplingParams(), None) == [2, 6, 7]
+    assert sampling.tree_path(drafts, parents, [2, 6, 7]) == [1, 3]
+    assert sampling.verify_tree(logits, [4], [-1], SamplingParams(), None) == [2]
+
+
+def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, reference):
+    from tokenmill.hooktypes import Draft
+
+    class BadTree:
+        @hookimpl
+        def propose_tokens(self, seqs):
+            return [Draft([1, 1], None, [-1, -1]) for _ in seqs]  # siblings repeat a token
+
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=PAGED), progress=False)
+    pipe.pm.register(BadTree())
+    with pytest.warns(RuntimeWarning, match="repeat a token"):
+        out = [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
+    assert out == reference and pipe.stats()["spec"]["draft_tokens"] == 0
+    assert Draft([5, 6, 7], None, [-1, 0, 0]).cut(1) == Draft([5], None, [-1])
+    with pytest.raises(ValueError, match="earlier parent"):
+        Draft([5, 6], None, [-1, 1]).cut(4)
