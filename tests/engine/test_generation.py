@@ -117,3 +117,13 @@ def test_chat_template(tiny_pipeline):
     ids = tiny_pipeline.encode("hello", chat=True)
     text = tiny_pipeline.tokenizer.decode(ids)
     assert "hello" in text and "assistant" in text
+
+
+def test_cpu_linear_weights_are_column_major(tiny_pipeline):
+    """The runner stores plain Linear weights (fused q/k/v and gate/up included) column-major on CPU, so a
+    few-row GEMM (verifying drafts) costs about what a single-row one does; shapes stay the same."""
+    runner = tiny_pipeline.runner
+    layer = runner.layers[0]
+    for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj, runner.lm_head):
+        w = mod.weight
+        assert w.shape == (mod.out_features, mod.in_features) and w.stride(0) == 1, (mod, w.stride())
