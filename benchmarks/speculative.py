@@ -64,7 +64,7 @@ BASE_PIPELINE = ROOT / "pipelines" / "speculative.yaml"
 DRAFTERS = ("speculative", "prompt_lookup", "medusa")
 WARMUP_PROMPT = "Name three board games that are fun for a family of four, and say why in one line each."
 
-BATCH1_ROWS = ("plain", "self_int8", "self_int4", "prompt_lookup", "medusa", "draft_model")
+BATCH1_ROWS = ("plain", "self_int8", "self_int4", "prompt_lookup", "medusa", "medusa_tree", "draft_model")
 EXTRA_ROWS = ("self_nf4",)
 CONCURRENT_ROWS = ("plain", "prompt_lookup_adaptive", "prompt_lookup", "self_int4_adaptive", "self_int4")
 
@@ -94,6 +94,14 @@ def concurrent_requests(sets: dict[str, list[dict]], n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- rows
+def medusa_tree() -> list[list[int]]:
+    import yaml
+
+    data = yaml.safe_load((ROOT / "pipelines" / "medusa.yaml").read_text())
+    opts = next(p["medusa"] for p in data["plugins"] if isinstance(p, dict) and "medusa" in p)
+    return opts["tree"]
+
+
 def parse_row(row: str) -> tuple[str, int | None]:
     base, _, k = row.partition(":")
     return base, (int(k.partition(":")[0]) if k else None)
@@ -133,6 +141,9 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
     if kind == "medusa":
         return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact")}, \
             f"medusa (exact), k={k}{ad}"
+    if kind == "medusa_tree":  # the candidate tree of pipelines/medusa.yaml
+        return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact", tree=medusa_tree())}, \
+            f"medusa (exact), tree of {len(medusa_tree())} candidates from pipelines/medusa.yaml{ad}"
     if kind == "draft_model":
         n, total = cfg["draft_layers"], cfg.get("target_layers", "?")
         return base, {"speculative": dict(common, draft=cfg["draft_dir"], compile_draft=cfg["compile_draft"])}, \
@@ -520,7 +531,7 @@ def main() -> None:
         cfg["target_layers"] = draft_info["source_layers"]
     skipped = {}
     for r in rows:
-        if row_kind(r) == "medusa" and not ((heads / "medusa_config.json").is_file()
+        if row_kind(r).startswith("medusa") and not ((heads / "medusa_config.json").is_file()
                                             and (heads / "medusa_heads.safetensors").is_file()):
             shown = heads.relative_to(ROOT) if heads.is_relative_to(ROOT) else heads
             skipped[r] = {"ok": False, "skipped": True, "label": drafter_for(r, cfg)[2],
