@@ -152,6 +152,9 @@ class Engine:
                     seq.first_scheduled_time = t0
 
         producing = [s for s in plan.scheduled if s.num_new_tokens == s.seq.num_uncomputed_tokens]
+        # a decode runs one token of a sequence whose prompt is all computed (not a 1-token prefill chunk)
+        num_decode = sum(1 for s in plan.scheduled
+                         if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len)
         drafts = self._propose([s.seq for s in producing])
         draft_of = {s.seq.seq_id: d.tokens for s, d in zip(producing, drafts)}
         probs_of = {s.seq.seq_id: d.probs for s, d in zip(producing, drafts)}
@@ -221,7 +224,6 @@ class Engine:
             except Exception as exc:
                 self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
         self.step_count += 1
-        num_decode = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
         stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
                           forward_s, len(plan.preempted), len(self.running), len(self.waiting), num_draft,

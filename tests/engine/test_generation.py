@@ -127,3 +127,23 @@ def test_cpu_linear_weights_are_column_major(tiny_pipeline):
     for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj, runner.lm_head):
         w = mod.weight
         assert w.shape == (mod.out_features, mod.in_features) and w.stride(0) == 1, (mod, w.stride())
+
+
+def test_one_token_prefill_counts_as_prefill(tiny_pipeline):
+    from tokenmill.plugin import hookimpl
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        @hookimpl
+        def step_end(self, stats):
+            self.steps.append((stats.num_prefill_tokens, stats.num_decode_tokens))
+
+    rec = Recorder()
+    tiny_pipeline.pm.register(rec)
+    try:
+        tiny_pipeline.generate([[5]], SamplingParams(max_tokens=3, ignore_eos=True))
+    finally:
+        tiny_pipeline.pm.unregister(rec)
+    assert rec.steps == [(1, 0), (0, 1), (0, 1)]
