@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     from tokenmill import Pipeline, load_spec
     from tokenmill.evaluate import pipeline_perplexity
+    from tokenmill.options import build_options
 
     overrides: dict[str, dict] = {}
     for item in args.set:
@@ -45,8 +47,8 @@ def main() -> None:
     for row in [r for r in args.rows.split(",") if r]:
         spec = load_spec(PIPELINES.get(row, row))
         for p in spec.plugins:
-            for opt, val in overrides.get(p.name, {}).items():
-                setattr(p.options, opt, val)
+            if p.name in overrides:  # rebuilt, so the options' own checks and normalization run again
+                p.options = build_options(type(p.options), {**asdict(p.options), **overrides[p.name]}, p.name)
             if p.name == "paged_kv":
                 p.options.kv_memory_gb = 0.25  # the evaluation does not use the KV pool
         pipe = Pipeline(spec, progress=False)

@@ -3,7 +3,9 @@
 The text is ``pydoc_data.topics`` (the Python reference's help topics), topics in sorted order joined by
 blank lines, tokenized once; we score a fixed slice of its first ``num_tokens + 1`` tokens with strided
 windows (each window ``window`` tokens long, advancing by ``stride``; only the tokens not scored by the
-previous window count, each with up to ``window - 1`` tokens of context). The forward pass is the HF model's
+previous window count, each with up to ``window - 1`` tokens of context). GPTQ calibration draws its text
+from the tokens after the default slice (``HELDOUT_TOKENS``), so a longer evaluation of a GPTQ-quantized
+model scores text it was calibrated on. The forward pass is the HF model's
 own modules as the pipeline loaded them, so quantized modules swapped in by plugins are what gets measured.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 import time
 
 import torch
+
+HELDOUT_TOKENS = 20480  # the default evaluation slice; GPTQ calibrates on the text after it (quant/gptq.py)
 
 
 def heldout_text() -> str:
@@ -62,7 +66,7 @@ def perplexity(model, ids: list[int], *, window: int = 1024, stride: int = 512, 
             "window": window, "stride": stride, "seconds": time.perf_counter() - t0}
 
 
-def pipeline_perplexity(pipe, *, num_tokens: int = 20480, window: int = 1024, stride: int = 512,
+def pipeline_perplexity(pipe, *, num_tokens: int = HELDOUT_TOKENS, window: int = 1024, stride: int = 512,
                         progress=None) -> dict:
     """Perplexity of a built :class:`tokenmill.Pipeline`'s model (as loaded and quantized) on the held-out slice."""
     window = min(window, pipe.limits.max_model_len)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -83,5 +84,5 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str) -> Any:
     try:
         return cls(**raw)
     except (ValueError, TypeError) as exc:
-        first = str(exc).split(" ", 1)[0]  # __post_init__ messages start with the field's name
+        first = re.split(r"[ :.]", str(exc), maxsplit=1)[0]  # __post_init__ messages start with the field's name
         raise OptionError(f"bad value for {what}: {exc}", first if first in raw else None) from None

@@ -12,7 +12,7 @@ from tokenmill.engine.outputs import RequestOutput, StreamChunk
 from tokenmill.engine.runner import ModelRunner
 from tokenmill.errors import RequestError
 from tokenmill.host import instantiate, make_plugin_manager
-from tokenmill.hooktypes import PipelineContext, SchedulerLimits
+from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
@@ -36,7 +36,7 @@ class Pipeline:
         self.loaded = loaded or load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
-        self.quantized_layers = self._quantize(model)
+        self.quantized_layers = self._quantize(model, progress)
         cfg = model.config
         max_len = min(spec.limits.max_model_len, getattr(cfg, "max_position_embeddings", spec.limits.max_model_len))
         self.limits = SchedulerLimits(spec.limits.max_num_seqs, spec.limits.max_num_batched_tokens, max_len)
@@ -60,7 +60,11 @@ class Pipeline:
     def from_dict(cls, data: dict, **kwargs: Any) -> "Pipeline":
         return cls(load_spec(data), **kwargs)
 
-    def _quantize(self, model) -> list[str]:
+    def _quantize(self, model, progress: bool = False) -> list[str]:
+        if self.pm.hook.calibrate.get_hookimpls():
+            self.pm.hook.calibrate(context=CalibrationContext(
+                model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, device=self.loaded.device,
+                dtype=self.loaded.dtype, progress=progress))
         if not self.pm.hook.quantize_layer.get_hookimpls():
             return []
         replaced = []

@@ -94,11 +94,10 @@ class ModelRunner:
     def _column_major(self) -> None:
         """Store every plain ``nn.Linear`` weight (fused ones included, and the LM head) column-major on CPU.
 
-        ``F.linear`` then hands MKL a non-transposed ``[in, out]`` operand, whose GEMM costs the same for 1 to
-        ~8 rows as a single-row GEMV; the row-major layout costs ~1.5-2x from 4 rows on (measured on the
-        dev box: 576x1536, 5 rows, 166 vs 254 us). Verifying k draft tokens is such a GEMM, so this makes
-        speculation's verify step about as cheap as a plain decode step. Large GEMMs (prefill, big batches)
-        cost the same either way. Parameters keep their shapes; only their strides change.
+        ``F.linear`` then hands MKL a non-transposed ``[in, out]`` operand. Measured on the dev box (64
+        distinct 576x1536 weights per pass, so weights come from DRAM as in a forward): with 2 threads 1-9
+        rows cost the same in both layouts and 17 rows (a long prompt-lookup draft) ~430 vs ~520 us; with
+        1 thread 5-9 rows cost ~0.75x. Prefill-sized GEMMs cost the same. Shapes stay; only strides change.
         """
         def relayout(t: torch.Tensor) -> torch.Tensor:
             return t.t().contiguous().t() if t.dim() == 2 and t.is_contiguous() else t

@@ -225,8 +225,14 @@ class QuantOptions:
     kernel_max_rows: int | None = None  # rows up to which the packed kernel runs; more: dequantize + dense GEMM
     lm_head_int8_rows: int = 0  # int4/nf4: keep the first N rows of the LM head / embedding matrix in int8
     load: str | None = None     # a directory written by `tokenmill quantize`: load it instead of quantizing
+    # GPTQ for the decoder blocks' linear layers: true (defaults) or a mapping of GPTQ settings (see gptq.py);
+    # null/false rounds to nearest. Normalized to the full settings dict (recorded in checkpoints).
+    gptq: dict | bool | None = None
 
     def __post_init__(self) -> None:
+        from tokenmill.plugins.quant.gptq import gptq_settings
+
+        self.gptq = gptq_settings(self.gptq)
         for key in ("include", "skip"):
             if not all(isinstance(p, str) and p for p in getattr(self, key)):
                 raise ValueError(f"{key} must be a list of non-empty glob patterns, got {getattr(self, key)!r}")
@@ -260,6 +266,8 @@ class QuantPlugin(Plugin):
         self._tied: list[tuple[weakref.ref, QuantLinear]] = []  # float weight -> its quantized module
         self._loader = None
         self.quantized: dict[str, str] = {}  # qualified name -> kind (what this plugin replaced)
+        self._prepared: dict[str, tuple[weakref.ref, QuantLinear]] | None = None  # GPTQ results by layer name
+        self.calibration: dict | None = None  # what the GPTQ pass did (settings, tokens, seconds)
 
     # -- selection -------------------------------------------------------------------------------------
     def wants(self, name: str, module: torch.nn.Module) -> bool:
@@ -281,6 +289,57 @@ class QuantPlugin(Plugin):
         """Quantize one float ``[out, in]`` weight into this plugin's module."""
         raise NotImplementedError
 
+    def gptq_grid(self, weight: torch.Tensor):
+        """This format as a :class:`tokenmill.plugins.quant.gptq.Grid` for ``weight`` (GPTQ support)."""
+        raise NotImplementedError(f"'{self.name}' does not support gptq")
+
+    def from_codes(self, codes: torch.Tensor, params: list[torch.Tensor], weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> QuantLinear:
+        """This plugin's module from codes and per-group constants chosen by GPTQ for ``weight``."""
+        raise NotImplementedError(f"'{self.name}' does not support gptq")
+
+    def gptq_layer(self, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor,
+                   opts) -> QuantLinear:
+        """Quantize one float ``[out, in]`` weight with GPTQ under ``hessian`` (``[in, in]``)."""
+        from tokenmill.plugins.quant.gptq import gptq_quantize
+
+        codes, params, _ = gptq_quantize(weight, hessian, self.gptq_grid(weight), damp=opts.damp,
+                                         act_order=opts.act_order)
+        return self.from_codes(codes, params, weight, bias)
+
+    @hookimpl
+    def calibrate(self, context) -> None:
+        """With ``gptq``: quantize the selected linear layers of the decoder blocks from calibration text now
+        (the whole float model is needed); ``quantize_layer`` then hands out the results."""
+        if self.options.load or not self.options.gptq:
+            return
+        from tokenmill.plugins.quant.gptq import gptq_model
+
+        prepared, self.calibration = gptq_model(self, context.model, context.tokenizer, self.options.gptq,
+                                                progress=context.progress)
+        mods = dict(context.model.named_modules())
+        self._prepared = {name: (weakref.ref(mods[name].weight), q) for name, q in prepared.items()}
+
+    def _gptq_result(self, name: str, module: torch.nn.Module) -> QuantLinear | None:
+        if not self.options.gptq or not isinstance(module, torch.nn.Linear):
+            return None
+        if self._prepared is None:
+            if self.wants(name, module) and not (name == "lm_head" or name.endswith(".lm_head")):
+                from tokenmill.errors import PipelineError
+
+                raise PipelineError(f"'{self.name}' with gptq needs its calibration pass over the whole model "
+                                    f"(the `calibrate` hook, which Pipeline calls before `quantize_layer`), but "
+                                    f"'{name}' was offered without one; call the plugin's calibrate(context=...) "
+                                    f"first, or drop gptq from these options")
+            return None
+        entry = self._prepared.pop(name, None)
+        if entry is None:
+            return None
+        ref, q = entry
+        if ref() is not module.weight:
+            raise RuntimeError(f"gptq: '{name}' is not the layer that was calibrated")
+        return q
+
     def _shared(self, weight: torch.Tensor) -> QuantLinear | None:
         for ref, q in self._tied:
             if ref() is weight:
@@ -300,6 +359,10 @@ class QuantPlugin(Plugin):
             return new
         if not self.wants(name, module):
             return None
+        prepared = self._gptq_result(name, module)
+        if prepared is not None:
+            self.quantized[name] = prepared.kind
+            return prepared
         weight = module.weight
         q = self._shared(weight)
         if q is None:

@@ -2,7 +2,8 @@
 
 ``DIR/quantized.safetensors`` holds, per quantized matrix, its tensors in the portable layout (the int4 CPU
 kernel layout depends on the CPU, so it is rebuilt at load); ``DIR/manifest.json`` says which module names
-use which matrix (a tied embedding and LM head share one), the method and its settings, and the source
+use which matrix (a tied embedding and LM head share one), the method and its settings (``gptq`` among them:
+GPTQ output is other codes in the same format, and its ``calibration`` summary is recorded), and the source
 model's config, so that loading into another model or with other settings fails with a clear message.
 Float parts (norms, any layer left unquantized) come from the pipeline's own model as usual.
 """
@@ -57,6 +58,8 @@ def save_quantized(pipe, out_dir: str | os.PathLike, *, source_yaml: str | None 
                           "dtype": str(pipe.loaded.dtype).removeprefix("torch."),
                           "config": config_summary(model.config)},
                 "torch": torch.__version__, "groups": {}, "layers": {}}
+    if plugin.calibration:  # GPTQ: what the codes were fitted on (the settings themselves are in `settings`)
+        manifest["calibration"] = plugin.calibration
     for name in pipe.quantized_layers:
         mod = model.get_submodule(name)
         if isinstance(mod, QuantizedEmbedding):

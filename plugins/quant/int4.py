@@ -64,6 +64,28 @@ def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = t
     return q_out, s_out, z_out
 
 
+class Int4Grid:
+    """int4 for GPTQ: min-max scale and zero of each group (rounded to ``scale_dtype``, as stored), then
+    ``q = round((w - zero) / scale + 8)`` clamped to 0..15 per weight."""
+
+    code_dtype = torch.uint8
+
+    def __init__(self, group_size: int, scale_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.group_size = group_size
+        self.scale_dtype = scale_dtype
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wmin, wmax = w.amin(1), w.amax(1)
+        scale = ((wmax - wmin) / 15.0).clamp_min(1e-8).to(self.scale_dtype).float()
+        zero = (wmin + 8.0 * scale).to(self.scale_dtype).float()
+        return scale, zero
+
+    def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = params
+        q = torch.round((col - zero) / scale + 8.0).clamp_(0, 15)
+        return q.to(torch.uint8), (q - 8.0) * scale + zero
+
+
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, kp = q.shape
@@ -379,6 +401,18 @@ class Int4(QuantPlugin):
             if self.group_size not in GROUP_SIZES:
                 raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                                  f"got {self.group_size}")
+
+    def gptq_grid(self, weight):
+        cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)
+        return Int4Grid(self.options.group_size, cd)
+
+    def from_codes(self, codes, params, weight, bias):
+        cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)
+        n, k = weight.shape
+        scale, zero = params
+        return Int4Linear(codes, scale.to(cd), zero.to(cd), bias, in_features=k, out_features=n,
+                          group_size=self.options.group_size, compute_dtype=cd,
+                          kernel_max_rows=self.options.kernel_max_rows, compile_kernels=self.options.compile_kernels)
 
     def quantize_weight(self, weight, bias, model_dtype):
         cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)

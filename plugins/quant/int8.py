@@ -30,6 +30,23 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+class Int8Grid:
+    """int8 for GPTQ: one absmax scale per row (fitted when the row's first column is reached), then
+    ``round(w / scale)`` clamped to [-127, 127] per weight."""
+
+    code_dtype = torch.int8
+    group_size = None  # the whole row
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor]:
+        amax = w.abs().amax(1)
+        return (torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)),)
+
+    def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        (scale,) = params
+        q = torch.round(col / scale).clamp_(-127, 127)
+        return q.to(torch.int8), q * scale
+
+
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scales.float()[:, None]).to(dtype)
 
@@ -98,6 +115,13 @@ class Int8(QuantPlugin):
     @dataclass(slots=True)
     class Options(QuantOptions):
         pass
+
+    def gptq_grid(self, weight):
+        return Int8Grid()
+
+    def from_codes(self, codes, params, weight, bias):
+        cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)
+        return Int8Linear(codes, params[0][:, 0], bias, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows)
 
     def quantize_weight(self, weight, bias, model_dtype):
         cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)

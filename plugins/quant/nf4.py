@@ -67,6 +67,29 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     return q.view(n, kp), absmax
 
 
+class NF4Grid:
+    """NF4 for GPTQ: the absmax of each block of ``block_size`` columns (and its reciprocal), then the nearest
+    level per weight."""
+
+    code_dtype = torch.uint8
+
+    def __init__(self, block_size: int) -> None:
+        self.group_size = block_size
+        self.code = CODE
+        self.mids = (CODE[1:] + CODE[:-1]) / 2
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        absmax = w.abs().amax(1)
+        return absmax, torch.where(absmax > 0, absmax, torch.ones_like(absmax)).reciprocal()
+
+    def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        absmax, inv = params
+        if self.mids.device != col.device:
+            self.mids, self.code = self.mids.to(col.device), self.code.to(col.device)
+        q = torch.bucketize(col * inv, self.mids)
+        return q.to(torch.uint8), self.code[q] * absmax
+
+
 def dequantize_nf4(q: torch.Tensor, absmax: torch.Tensor, block_size: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, kp = q.shape
@@ -294,6 +317,16 @@ class NF4(QuantPlugin):
             QuantOptions.__post_init__(self)
             if self.block_size < 2 or self.block_size & (self.block_size - 1) or self.block_size > 4096:
                 raise ValueError(f"block_size must be a power of two between 2 and 4096, got {self.block_size}")
+
+    def gptq_grid(self, weight):
+        return NF4Grid(self.options.block_size)
+
+    def from_codes(self, codes, params, weight, bias):
+        cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)
+        n, k = weight.shape
+        return NF4Linear(codes, params[0], bias, in_features=k, out_features=n, block_size=self.options.block_size,
+                         double_quant=self.options.double_quant, compute_dtype=cd,
+                         kernel_max_rows=self.options.kernel_max_rows, compile_kernels=self.options.compile_kernels)
 
     def quantize_weight(self, weight, bias, model_dtype):
         cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)

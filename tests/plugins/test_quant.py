@@ -285,3 +285,153 @@ def test_cli_quantize_and_perplexity(tiny_qwen_dir, tmp_path, capsys):
     res = json.loads(out_json.read_text())
     assert res["tokens"] == 300 and res["windows"] >= 4 and res["perplexity"] > 1
     assert "over 300 tokens" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ gptq
+def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Activations with correlated channels and uneven scales (what makes GPTQ beat rounding to nearest)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    scale = torch.rand(k, generator=g) * 2 + 0.2
+    return (torch.randn(n, k, generator=g) @ mix) * scale
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reduces_layer_output_error(fmt, act_order):
+    from tokenmill.plugins.quant.gptq import gptq_quantize, relative_output_error, rtn_quantize
+    from tokenmill.plugins.quant.int4 import Int4Grid
+    from tokenmill.plugins.quant.int8 import Int8Grid
+    from tokenmill.plugins.quant.nf4 import NF4Grid
+
+    n, k = 48, 160  # K not a multiple of 64: a padded last NF4 block
+    grid = {"nf4": NF4Grid(64), "int4": Int4Grid(32, torch.float32), "int8": Int8Grid()}[fmt]
+    torch.manual_seed(5)
+    w = torch.randn(n, k)
+    x = correlated_inputs(1024, k)
+    h = 2 * x.t() @ x / x.shape[0]
+    codes, params, deq = gptq_quantize(w, h, grid, damp=0.01, act_order=act_order)
+    rtn_codes, rtn_deq = rtn_quantize(w, grid)
+    x_test = correlated_inputs(1536, k, seed=0)[1024:]  # same distribution, rows GPTQ did not see
+    err, rtn_err = relative_output_error(w, deq, x_test), relative_output_error(w, rtn_deq, x_test)
+    assert err < 0.85 * rtn_err, (err, rtn_err)
+    lo, hi = (-127, 127) if fmt == "int8" else (0, 15)
+    assert codes.dtype == grid.code_dtype and int(codes.min()) >= lo and int(codes.max()) <= hi
+    assert codes.shape == rtn_codes.shape
+    gs = grid.group_size or k
+    assert all(p.shape == (n, codes.shape[1] // gs) for p in params)
+
+
+@pytest.mark.parametrize("plugin,opts", [("nf4", {"double_quant": False, "compile_kernels": False}),
+                                         ("int4", {"group_size": 32, "compute_dtype": "float32"}), ("int8", {})])
+def test_gptq_modules_hold_what_gptq_chose(plugin, opts):
+    """The module built from GPTQ's codes dequantizes to exactly the weight GPTQ computed."""
+    from tokenmill.host import discover_plugins
+    from tokenmill.options import build_options
+    from tokenmill.plugins.quant.gptq import gptq_quantize
+
+    cls = discover_plugins()[plugin].load()
+    p = cls(build_options(cls.Options, dict(opts, gptq=True), plugin))
+    w, b = torch.randn(40, 96), torch.randn(40)
+    x = correlated_inputs(256, 96)
+    h = 2 * x.t() @ x / 256
+    codes, params, deq = gptq_quantize(w, h, p.gptq_grid(w))
+    mod = p.from_codes(codes, params, w, b)
+    assert torch.equal(mod.dequantize(), deq)
+    assert torch.equal(mod.bias, b)
+
+
+def test_gptq_option_errors(tiny_llama_dir):
+    from tokenmill.plugins.quant.gptq import GPTQOptions, gptq_settings
+
+    assert gptq_settings(None) is None and gptq_settings(False) is None
+    assert gptq_settings(True) == {f: getattr(GPTQOptions(), f) for f in GPTQOptions.__dataclass_fields__}
+    assert gptq_settings({"samples": 4})["samples"] == 4
+    cases = [({"samples": 0}, "gptq: samples must be >= 1, got 0"),
+             ({"seq_len": 4}, "gptq: seq_len must be between 8 and 8192"),
+             ({"damp": 0}, r"gptq: damp must be in \(0, 1\]"),
+             ({"sample": 4}, "unknown option 'sample' for gptq \\(did you mean 'samples'\\?\\)"),
+             ({"act_order": "yes"}, "option 'act_order' of gptq must be bool"),
+             ("fast", "option 'gptq' of plugin 'nf4' must be")]
+    for value, msg in cases:
+        with pytest.raises(PipelineError, match=msg):
+            quant_pipe(tiny_llama_dir, "nf4", {"gptq": value, "compile_kernels": False})
+
+
+def test_gptq_without_calibration_fails_clearly(tiny_llama_dir):
+    from tokenmill.plugins.quant import NF4
+
+    plugin = NF4(NF4.Options(gptq={"samples": 2, "seq_len": 32}))
+    lin = torch.nn.Linear(64, 64)
+    with pytest.raises(PipelineError, match="needs its calibration pass"):
+        plugin.quantize_layer(name="model.layers.0.mlp.up_proj", module=lin, model_config=None)
+    assert plugin.quantize_layer(name="lm_head", module=torch.nn.Linear(64, 100), model_config=None) is not None
+
+
+def test_gptq_pass_leaves_the_model_as_found(tiny_qwen_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.plugins.quant import Int4
+    from tokenmill.plugins.quant.gptq import gptq_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plugin = Int4(Int4.Options(group_size=32, gptq={"samples": 3, "seq_len": 48, "batch_size": 2}))
+    prepared, summary = gptq_model(plugin, model, tokenizer, plugin.options.gptq)
+    assert sorted(prepared) == sorted(n for n, m in model.named_modules()
+                                      if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    assert summary["tokens"] == 3 * 48 and summary["layers"] == 14
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("plugin,opts", [
+    ("nf4", {"compile_kernels": False, "lm_head_int8_rows": 50000}),
+    ("int4", {"group_size": 32, "gptq_act_order": True})])
+def test_gptq_pipeline_saves_and_reloads_identically(tiny_qwen_dir, tmp_path, plugin, opts):
+    from tokenmill.plugins.quant.checkpoint import save_quantized
+
+    opts = dict(opts)
+    act_order = opts.pop("gptq_act_order", False)
+    gptq = {"samples": 4, "seq_len": 64, "act_order": act_order}
+    fresh = quant_pipe(tiny_qwen_dir, plugin, dict(opts, gptq=gptq))
+    rtn = quant_pipe(tiny_qwen_dir, plugin, opts)
+    assert fresh.quantized_layers == rtn.quantized_layers
+    name = "model.layers.1.mlp.down_proj"
+    a_mod, b_mod = fresh.loaded.model.get_submodule(name), rtn.loaded.model.get_submodule(name)
+    assert type(a_mod) is type(b_mod) and not torch.equal(a_mod.dequantize(), b_mod.dequantize())
+    assert fresh.plugins[plugin].calibration["layers"] == 14
+    manifest, _ = save_quantized(fresh, tmp_path / "q")
+    data = json.loads(manifest.read_text())
+    assert data["settings"]["gptq"]["samples"] == 4 and data["calibration"]["method"] == "gptq"
+    loaded = quant_pipe(tiny_qwen_dir, plugin, dict(opts, gptq=gptq, load=str(tmp_path / "q")))
+    assert loaded.plugins[plugin].calibration is None  # loading does not calibrate again
+    ids = torch.tensor([fresh.encode("GPTQ codes are saved like any others")])
+    with torch.inference_mode():
+        assert torch.equal(fresh.loaded.model(ids).logits, loaded.loaded.model(ids).logits)
+    with pytest.raises(PipelineError, match="gptq: checkpoint"):
+        quant_pipe(tiny_qwen_dir, plugin, dict(opts, load=str(tmp_path / "q")))
+
+
+def test_gptq_true_sequential_follows_the_blocks_call_order(tiny_qwen_dir, tokenizer):
+    """Layers are calibrated group by group in call order (q/k/v, o, gate/up, down), each on the quantized
+    outputs of the groups before it, so the codes differ from one float pass per block."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.plugins.quant import Int4
+    from tokenmill.plugins.quant.gptq import _block_inputs, _call_groups, decoder_blocks, gptq_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    prefix, blocks = decoder_blocks(model)
+    linears = {f"{prefix}.0.{n}": m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    x, extra = _block_inputs(model, blocks[0], torch.tensor([tokenizer.encode("one two three four")]))
+    short = [[name.rsplit(".", 1)[1] for name in g] for g in _call_groups(blocks[0], linears, x, extra)]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    out = {}
+    for ts in (True, False):
+        plugin = Int4(Int4.Options(group_size=32, gptq={"samples": 3, "seq_len": 48, "true_sequential": ts}))
+        out[ts], _ = gptq_model(plugin, model, tokenizer, plugin.options.gptq)
+    first = f"{prefix}.0.self_attn.q_proj"
+    assert torch.equal(out[True][first].dequantize(), out[False][first].dequantize())  # nothing before q/k/v
+    down = f"{prefix}.0.mlp.down_proj"
+    assert not torch.equal(out[True][down].dequantize(), out[False][down].dequantize())
