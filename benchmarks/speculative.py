@@ -19,6 +19,8 @@ swapped, ``adaptive: false`` (the adaptive switch is for batches):
 * ``plain``: no drafter;
 * ``self_int8`` / ``self_int4`` (/ ``self_nf4``): ``speculative`` with the target's own weights quantized (the
   plugin's self-draft defaults), the draft compiled (``compile_draft: true``; ``--no-compile-draft``: eager);
+* ``self_int8_lookup`` / ``self_int4_lookup``: the self-draft with ``lookup_ngram: 3``: where the last 3 tokens
+  occurred earlier, their continuation (up to ``--pl-k`` tokens) is proposed instead of drafting;
 * ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, default 16, ngram 3..1; a
   match shorter than 3 proposes at most ``--pl-short``, default 2, as in ``pipelines/prompt-lookup.yaml``);
 * ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist);
@@ -65,7 +67,7 @@ DRAFTERS = ("speculative", "prompt_lookup", "medusa")
 WARMUP_PROMPT = "Name three board games that are fun for a family of four, and say why in one line each."
 
 BATCH1_ROWS = ("plain", "self_int8", "self_int4", "prompt_lookup", "medusa", "medusa_tree", "draft_model")
-EXTRA_ROWS = ("self_nf4",)
+EXTRA_ROWS = ("self_nf4", "self_int8_lookup", "self_int4_lookup")
 CONCURRENT_ROWS = ("plain", "prompt_lookup_adaptive", "prompt_lookup", "self_int4_adaptive", "self_int4")
 
 
@@ -132,6 +134,12 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
         cd = ", compiled draft" if cfg["compile_draft"] else ""
         return base, {"speculative": dict(common, draft=kind, compile_draft=cfg["compile_draft"])}, \
             f"speculative {kind}, k={k}{ad}{cd}"
+    if kind in ("self_int8_lookup", "self_int4_lookup"):  # the self-draft, with long n-gram matches copied instead
+        draft = kind.removesuffix("_lookup")
+        cd = ", compiled draft" if cfg["compile_draft"] else ""
+        return base, {"speculative": dict(common, draft=draft, compile_draft=cfg["compile_draft"], lookup_ngram=3,
+                                          lookup_tokens=cfg["pl_k"])}, \
+            f"speculative {draft}, k={k}{ad}{cd}; 3-gram matches copy up to {cfg['pl_k']} tokens instead"
     if kind == "prompt_lookup":
         short = short_override(row)
         short = cfg["pl_short"] if short is None else short

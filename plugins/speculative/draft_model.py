@@ -24,6 +24,7 @@ from tokenmill.errors import PipelineError
 from tokenmill.hooktypes import Draft, KVPool, PipelineContext
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
+from tokenmill.plugins.speculative.prompt_lookup import lookup_match
 from tokenmill.spec import CompileSpec
 from tokenmill.sampling import draw, filtered_probs
 from tokenmill.sequence import Sequence
@@ -31,6 +32,7 @@ from tokenmill.sequence import Sequence
 SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
 DRAFT_BUCKETS = [1, 2, 4, 8, 16]  # batch sizes the compiled draft pads to; more sequences run eagerly
 CATCH_UP_COMPILED = 2  # catch-up steps of up to this many tokens per sequence take the compiled path
+LOOKUP_WINDOW = 4096  # tokens searched back for `lookup_ngram` matches
 SELF_DRAFT_GRID = {"int4": {"group_size": 32}, "nf4": {"block_size": 32}}  # finer than the plugins' defaults
 
 
@@ -167,9 +169,17 @@ class Speculative(DrafterPlugin):
         draft_quant_options: dict | None = None   # options for the self-draft's quantization plugin
         compile_draft: bool = False               # torch.compile the draft's single-token steps
         compile_mode: str | None = None           # torch.compile mode for the draft (None: default)
+        # copy instead of drafting: when the last `lookup_ngram` tokens occurred earlier in the sequence, propose
+        # the (up to `lookup_tokens`) tokens that followed them, as prompt_lookup does, and skip the draft model
+        lookup_ngram: int | None = None
+        lookup_tokens: int = 16
 
         def __post_init__(self) -> None:
             DrafterPlugin.Options.__post_init__(self)
+            if self.lookup_ngram is not None and not 1 <= self.lookup_ngram <= 16:
+                raise ValueError(f"lookup_ngram must be in 1..16 or null, got {self.lookup_ngram}")
+            if not 1 <= self.lookup_tokens <= 16:
+                raise ValueError(f"lookup_tokens must be in 1..16, got {self.lookup_tokens}")
             modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
             if self.compile_mode not in modes:
                 raise ValueError(f"compile_mode must be one of {', '.join(map(str, modes))}, "
@@ -212,4 +222,13 @@ class Speculative(DrafterPlugin):
 
     def draft(self, seqs: list[Sequence]) -> list[Draft]:
         assert self.runner is not None, "configure was not called"
-        return self.runner.propose(seqs, self.options.num_speculative_tokens)
+        o = self.options
+        if not o.lookup_ngram:
+            return self.runner.propose(seqs, o.num_speculative_tokens)
+        # a long n-gram match is a cheaper and (on input-grounded text) longer draft than k draft-model steps;
+        # the draft model catches up on whatever of it is accepted at its next step
+        copies = [lookup_match(s.token_ids, o.lookup_ngram, o.lookup_ngram, o.lookup_tokens, LOOKUP_WINDOW)[0]
+                  for s in seqs]
+        rest = [s for s, c in zip(seqs, copies) if not c]
+        drafted = iter(self.runner.propose(rest, o.num_speculative_tokens) if rest else ())
+        return [Draft(c) if c else next(drafted) for c in copies]

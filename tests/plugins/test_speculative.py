@@ -34,10 +34,12 @@ def drafters(tiny_llama_dir, other_tiny):
         "draft_model_self": {"speculative": {"draft": str(tiny_llama_dir), "adaptive": False}},
         "draft_model_other": {"speculative": {"draft": str(other_tiny), "num_speculative_tokens": 3,
                                               "adaptive": False}},
+        "draft_model_lookup": {"speculative": {"draft": str(other_tiny), "num_speculative_tokens": 3,
+                                               "adaptive": False, "lookup_ngram": 2, "lookup_tokens": 5}},
     }
 
 
-@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model_self", "draft_model_other"])
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model_self", "draft_model_other", "draft_model_lookup"])
 @pytest.mark.parametrize("batching", ["fcfs", "continuous"])
 def test_greedy_identical_to_plain(tiny_llama_dir, other_tiny, reference, drafter, batching):
     plugins = [drafters(tiny_llama_dir, other_tiny)[drafter]] + (PAGED if batching == "continuous" else [])
@@ -281,3 +283,32 @@ def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, refere
     assert Draft([5, 6, 7], None, [-1, 0, 0]).cut(1) == Draft([5], None, [-1])
     with pytest.raises(ValueError, match="earlier parent"):
         Draft([5, 6], None, [-1, 1]).cut(4)
+
+
+def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_dir, other_tiny, reference):
+    """With ``lookup_ngram`` a sequence whose last n-gram occurred before gets the copied continuation and the
+    draft model is not run for it that round; output stays exact."""
+    opts = {"draft": str(other_tiny), "num_speculative_tokens": 3, "adaptive": False, "lookup_ngram": 2,
+            "lookup_tokens": 6}
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"speculative": opts}]), progress=False)
+    plugin = pipe.pm.get_plugin("speculative")
+    drafted, copied = [], []
+    inner_propose, inner_draft = plugin.runner.propose, plugin.draft
+
+    def propose(seqs, k):
+        drafted.append(len(seqs))
+        return inner_propose(seqs, k)
+
+    def draft(seqs):
+        out = inner_draft(seqs)
+        copied.append(sum(1 for d in out if d.probs is None and len(d.tokens) > 3))  # only copies exceed k
+        return out
+
+    plugin.runner.propose, plugin.draft = propose, draft
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    out = [pipe.generate(p, params)[0].token_ids for p in PROMPTS]
+    assert out == reference
+    assert sum(copied) > 0 and len(drafted) < len(copied)
+    with pytest.raises(Exception, match="lookup_ngram must be in 1..16"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"speculative": dict(opts, lookup_ngram=0)}]),
+                           progress=False)
