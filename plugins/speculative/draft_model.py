@@ -106,32 +106,41 @@ class DraftModelRunner:
                 self.seen.pop(sid, None)
                 self.free_rows.append(row)
 
-    def propose(self, seqs: list[Sequence], k: int) -> list[Draft]:
+    def _unseen(self, seq: Sequence) -> tuple[int, list[int]]:
+        """(how many leading tokens of ``seq`` the draft's KV holds, the tokens after them)."""
+        seen = self.seen.get(seq.seq_id, [])
+        common = 0
+        limit = min(len(seen), seq.num_tokens - 1)
+        while common < limit and seen[common] == seq.token_ids[common]:
+            common += 1
+        return common, seq.token_ids[common:]
+
+    def propose(self, seqs: list[Sequence], k: int, max_catch_up_ratio: float | None = None) -> list[Draft]:
+        """``k`` drafts per sequence. A sequence whose unseen tokens (the draft's own prefill of it) number more
+        than ``max_catch_up_ratio`` times the tokens it may still generate gets none this step: catching up
+        costs about as much as the target's prefill and would not pay for itself."""
         self._release_finished()
         active: list[Sequence] = []
+        items = []
         for seq in seqs:
+            if seq.num_tokens + k > self.max_len:
+                continue
+            common, new = self._unseen(seq)
+            remaining = seq.params.max_tokens - seq.num_output_tokens
+            if max_catch_up_ratio is not None and len(new) > max_catch_up_ratio * max(remaining, 0):
+                continue
             if seq.seq_id not in self.rows:
                 if not self.free_rows:
                     continue
                 self.rows[seq.seq_id] = (seq, self.free_rows.pop())
-                self.seen[seq.seq_id] = []
-            if seq.num_tokens + k <= self.max_len:
-                active.append(seq)
+            self.seen[seq.seq_id] = list(seq.token_ids)
+            active.append(seq)
+            # 1) catch up: feed every token the draft has not seen (valid prefix kept), sample the first draft
+            items.append((new, common, [self.rows[seq.seq_id][1]], 1))
         drafts: dict[int, list[int]] = {s.seq_id: [] for s in active}
         probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in active}
         if not active:
             return [Draft([]) for _ in seqs]
-        # 1) catch up: feed every token the draft has not seen (valid prefix kept), sample the first draft
-        items = []
-        for seq in active:
-            seen = self.seen[seq.seq_id]
-            common = 0
-            limit = min(len(seen), seq.num_tokens - 1)
-            while common < limit and seen[common] == seq.token_ids[common]:
-                common += 1
-            new = seq.token_ids[common:]
-            self.seen[seq.seq_id] = list(seq.token_ids)
-            items.append((new, common, [self.rows[seq.seq_id][1]], 1))
         for step in range(k):
             logits = self._forward(items)
             items = []
@@ -173,6 +182,9 @@ class Speculative(DrafterPlugin):
         # the (up to `lookup_tokens`) tokens that followed them, as prompt_lookup does, and skip the draft model
         lookup_ngram: int | None = None
         lookup_tokens: int = 16
+        # a sequence the draft has not caught up on (its prompt, at first) is drafted for only once it may still
+        # generate at least 1/ratio as many tokens as the draft must prefill for it (null: always)
+        max_catch_up_ratio: float | None = 4.0
 
         def __post_init__(self) -> None:
             DrafterPlugin.Options.__post_init__(self)
@@ -180,6 +192,8 @@ class Speculative(DrafterPlugin):
                 raise ValueError(f"lookup_ngram must be in 1..16 or null, got {self.lookup_ngram}")
             if not 1 <= self.lookup_tokens <= 16:
                 raise ValueError(f"lookup_tokens must be in 1..16, got {self.lookup_tokens}")
+            if self.max_catch_up_ratio is not None and not self.max_catch_up_ratio > 0:
+                raise ValueError(f"max_catch_up_ratio must be > 0 or null, got {self.max_catch_up_ratio}")
             modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
             if self.compile_mode not in modes:
                 raise ValueError(f"compile_mode must be one of {', '.join(map(str, modes))}, "
@@ -224,11 +238,11 @@ class Speculative(DrafterPlugin):
         assert self.runner is not None, "configure was not called"
         o = self.options
         if not o.lookup_ngram:
-            return self.runner.propose(seqs, o.num_speculative_tokens)
+            return self.runner.propose(seqs, o.num_speculative_tokens, o.max_catch_up_ratio)
         # a long n-gram match is a cheaper and (on input-grounded text) longer draft than k draft-model steps;
         # the draft model catches up on whatever of it is accepted at its next step
         copies = [lookup_match(s.token_ids, o.lookup_ngram, o.lookup_ngram, o.lookup_tokens, LOOKUP_WINDOW)[0]
                   for s in seqs]
         rest = [s for s, c in zip(seqs, copies) if not c]
-        drafted = iter(self.runner.propose(rest, o.num_speculative_tokens) if rest else ())
+        drafted = iter(self.runner.propose(rest, o.num_speculative_tokens, o.max_catch_up_ratio) if rest else ())
         return [Draft(c) if c else next(drafted) for c in copies]

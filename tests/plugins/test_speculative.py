@@ -295,9 +295,9 @@ def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_di
     drafted, copied = [], []
     inner_propose, inner_draft = plugin.runner.propose, plugin.draft
 
-    def propose(seqs, k):
+    def propose(seqs, k, *rest):
         drafted.append(len(seqs))
-        return inner_propose(seqs, k)
+        return inner_propose(seqs, k, *rest)
 
     def draft(seqs):
         out = inner_draft(seqs)
@@ -312,3 +312,19 @@ def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_di
     with pytest.raises(Exception, match="lookup_ngram must be in 1..16"):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"speculative": dict(opts, lookup_ngram=0)}]),
                            progress=False)
+
+
+def test_draft_model_skips_sequences_whose_catch_up_would_not_pay(tiny_llama_dir, other_tiny):
+    """A long prompt with few tokens left to generate is not drafted for (the draft would first have to prefill
+    the whole prompt); with ``max_catch_up_ratio: null`` it is. Output is the same either way."""
+    prompt = list(range(10, 70))  # 60 tokens, 8 to generate: 60 > 4 x 7
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    outs, drafts = [], []
+    for ratio in (4.0, None):
+        opts = {"draft": str(other_tiny), "adaptive": False, "max_catch_up_ratio": ratio}
+        pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"speculative": opts}]),
+                                  progress=False)
+        outs.append(pipe.generate([prompt], params)[0].token_ids)
+        drafts.append(pipe.stats()["spec"]["draft_tokens"])
+    assert outs[0] == outs[1]
+    assert drafts[0] == 0 and drafts[1] > 0
