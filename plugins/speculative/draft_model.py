@@ -237,12 +237,10 @@ class Speculative(DrafterPlugin):
     def draft(self, seqs: list[Sequence]) -> list[Draft]:
         assert self.runner is not None, "configure was not called"
         o = self.options
-        if not o.lookup_ngram:
-            return self.runner.propose(seqs, o.num_speculative_tokens, o.max_catch_up_ratio)
-        # a long n-gram match is a cheaper and (on input-grounded text) longer draft than k draft-model steps;
-        # the draft model catches up on whatever of it is accepted at its next step
+        # with lookup_ngram a long n-gram match is a cheaper and (on input-grounded text) longer draft than k
+        # draft-model steps; the draft model catches up on whatever of it is accepted at its next step
         copies = [lookup_match(s.token_ids, o.lookup_ngram, o.lookup_ngram, o.lookup_tokens, LOOKUP_WINDOW)[0]
-                  for s in seqs]
+                  if o.lookup_ngram else [] for s in seqs]
         rest = [s for s, c in zip(seqs, copies) if not c]
         drafted = iter(self.runner.propose(rest, o.num_speculative_tokens, o.max_catch_up_ratio) if rest else ())
         return [Draft(c) if c else next(drafted) for c in copies]
