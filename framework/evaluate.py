@@ -15,7 +15,7 @@ import time
 
 import torch
 
-HELDOUT_TOKENS = 20480  # the default evaluation slice; GPTQ calibrates on the text after it (quant/gptq.py)
+HELDOUT_TOKENS = 20480  # the default evaluation slice; GPTQ calibrates on the text after it (quant/calibration.py)
 
 
 def heldout_text() -> str:

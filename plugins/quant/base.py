@@ -313,7 +313,7 @@ class QuantPlugin(Plugin):
         (the whole float model is needed); ``quantize_layer`` then hands out the results."""
         if self.options.load or not self.options.gptq:
             return
-        from tokenmill.plugins.quant.gptq import gptq_model
+        from tokenmill.plugins.quant.calibration import gptq_model
 
         prepared, self.calibration = gptq_model(self, context.model, context.tokenizer, self.options.gptq,
                                                 progress=context.progress)

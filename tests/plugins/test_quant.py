@@ -372,7 +372,7 @@ def test_gptq_pass_leaves_the_model_as_found(tiny_qwen_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from tokenmill.plugins.quant import Int4
-    from tokenmill.plugins.quant.gptq import gptq_model
+    from tokenmill.plugins.quant.calibration import gptq_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -419,7 +419,7 @@ def test_gptq_true_sequential_follows_the_blocks_call_order(tiny_qwen_dir, token
     from transformers import AutoModelForCausalLM
 
     from tokenmill.plugins.quant import Int4
-    from tokenmill.plugins.quant.gptq import _block_inputs, _call_groups, decoder_blocks, gptq_model
+    from tokenmill.plugins.quant.calibration import _block_inputs, _call_groups, decoder_blocks, gptq_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
     prefix, blocks = decoder_blocks(model)
