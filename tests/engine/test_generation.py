@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tokenmill import RequestError, SamplingParams
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -119,14 +120,27 @@ def test_chat_template(tiny_pipeline):
     assert "hello" in text and "assistant" in text
 
 
-def test_cpu_linear_weights_are_column_major(tiny_pipeline):
-    """The runner stores plain Linear weights (fused q/k/v and gate/up included) column-major on CPU, so a
-    few-row GEMM (verifying drafts) costs about what a single-row one does; shapes stay the same."""
+def test_cpu_few_row_gemms_match_f_linear(tiny_pipeline):
+    """On CPU in fp32 the runner computes GEMMs of up to TALL_SKINNY_MAX_ROWS rows as ``W @ x^T`` (one row
+    padded to two): same values as ``F.linear`` for every row count, with and without bias; weights keep
+    their ordinary layout."""
+    import torch.nn.functional as F
+
+    from tokenmill.engine.runner import TALL_SKINNY_MAX_ROWS
+
     runner = tiny_pipeline.runner
+    assert runner.tall_skinny
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+    for m in (1, 2, 3, 5, 17, TALL_SKINNY_MAX_ROWS, TALL_SKINNY_MAX_ROWS + 1):
+        x = torch.randn(m, 40, generator=g)
+        for bias in (None, b):
+            out = runner._linear(x, w, bias)
+            assert out.shape == (m, 96) and out.is_contiguous()
+            torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
     layer = runner.layers[0]
-    for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj, runner.lm_head):
-        w = mod.weight
-        assert w.shape == (mod.out_features, mod.in_features) and w.stride(0) == 1, (mod, w.stride())
+    for mod in (layer.self_attn.q_proj, layer.mlp.down_proj, runner.lm_head):
+        assert mod.weight.is_contiguous()
 
 
 def test_one_token_prefill_counts_as_prefill(tiny_pipeline):
