@@ -116,6 +116,14 @@ def _call_groups(block, linears: dict[str, torch.nn.Linear], x: torch.Tensor, ex
     return groups + ([missing] if missing else [])
 
 
+def _block_groups(order: list[list[str]], linears: dict[str, torch.nn.Linear], stem: str) -> list[list[str]]:
+    """One block's selected ``linears`` (qualified names starting with ``stem``) grouped as in ``order`` (the
+    call groups of the first block, by names relative to it): the decoder blocks share one structure."""
+    groups = [g for g in ([stem + n for n in grp if stem + n in linears] for grp in order) if g]
+    missing = [name for name in linears if not any(name in g for g in groups)]
+    return groups + ([missing] if missing else [])
+
+
 def decoder_blocks(model) -> tuple[str, torch.nn.ModuleList]:
     """The qualified name and the ``ModuleList`` of the model's decoder blocks (``model.layers`` in the
     supported families)."""
@@ -177,13 +185,17 @@ def gptq_model(plugin: "QuantPlugin", model, tokenizer, settings: dict, *, progr
         x, extra = _block_inputs(model, blocks[0], b)
         xs.append(x)
         extras.append(extra)
+    order = None
+    if opts.true_sequential:  # found once, on the first block's float inputs
+        first = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        order = _call_groups(blocks[0], first, xs[0], extras[0])
     prepared: dict[str, "QuantLinear"] = {}
     t_solve = 0.0
     for i, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress)):
         last = i + 1 == len(blocks)
         linears = {f"{prefix}.{i}.{n}": m for n, m in block.named_modules()
                    if isinstance(m, torch.nn.Linear) and plugin.wants(f"{prefix}.{i}.{n}", m)}
-        groups = _call_groups(block, linears, xs[0], extras[0]) if opts.true_sequential else [list(linears)]
+        groups = _block_groups(order, linears, f"{prefix}.{i}.") if order else [list(linears)]
         saved: dict[str, torch.Tensor] = {}
         try:
             for group in groups:

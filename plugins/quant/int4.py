@@ -34,6 +34,14 @@ DEFAULT_KERNEL_MAX_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------- format
+def int4_scale_zero(wmin: torch.Tensor, wmax: torch.Tensor, scale_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point of a group (rounded to ``scale_dtype``, as stored; returned in float32):
+    ``w ~= (q - 8) * scale + zero`` for ``q`` in 0..15."""
+    scale = ((wmax - wmin) / 15.0).clamp_min(1e-8).to(scale_dtype).float()
+    return scale, (wmin + 8.0 * scale).to(scale_dtype).float()
+
+
 def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16, *,
                   rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w [N, K]`` -> (``q`` uint8 [N, Kp] in 0..15, ``scales`` [N, G], ``zeros`` [N, G]) in ``scale_dtype``.
@@ -54,8 +62,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = t
         rows = wc.shape[0]
         wmin = F.pad(wc, (0, kp - k), value=float("inf")).view(rows, g, group_size).amin(-1)
         wmax = F.pad(wc, (0, kp - k), value=float("-inf")).view(rows, g, group_size).amax(-1)
-        scale_s = ((wmax - wmin) / 15.0).clamp_min(1e-8).to(scale_dtype).float()
-        zero_s = (wmin + 8.0 * scale_s).to(scale_dtype).float()
+        scale_s, zero_s = int4_scale_zero(wmin, wmax, scale_dtype)
         wp = F.pad(wc, (0, kp - k)).view(rows, g, group_size)
         q = torch.round((wp - zero_s[..., None]) / scale_s[..., None] + 8.0).clamp_(0, 15)
         q_out[r0:r0 + rows] = q.view(rows, kp).to(torch.uint8)
@@ -75,10 +82,7 @@ class Int4Grid:
         self.scale_dtype = scale_dtype
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wmin, wmax = w.amin(1), w.amax(1)
-        scale = ((wmax - wmin) / 15.0).clamp_min(1e-8).to(self.scale_dtype).float()
-        zero = (wmin + 8.0 * scale).to(self.scale_dtype).float()
-        return scale, zero
+        return int4_scale_zero(w.amin(1), w.amax(1), self.scale_dtype)
 
     def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = params

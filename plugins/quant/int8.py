@@ -21,11 +21,16 @@ DEFAULT_KERNEL_MAX_ROWS = 8
 K_ALIGN = 32  # _weight_int8pack_mm needs rows of a multiple of 32 int8 values
 
 
+def int8_scales(w: torch.Tensor) -> torch.Tensor:
+    """One symmetric absmax scale per row of ``w [N, K]`` (1 for an all-zero row)."""
+    amax = w.abs().amax(dim=1)
+    return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [N, K]`` float -> (``q`` int8 in [-127, 127], ``scales`` float32 [N]) with ``w ~= q * scales[:, None]``."""
     w = w.float()
-    amax = w.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scales = int8_scales(w)
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
 
@@ -38,8 +43,7 @@ class Int8Grid:
     group_size = None  # the whole row
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor]:
-        amax = w.abs().amax(1)
-        return (torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)),)
+        return (int8_scales(w),)
 
     def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
         (scale,) = params
