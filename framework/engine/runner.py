@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.engine.batch import ForwardBatch
+from tokenmill.engine.cpu_gemm import CpuLinear
 from tokenmill.hooktypes import KVCacheSpec, KVPool
-
-
-TALL_SKINNY_MAX_ROWS = 64  # CPU fp32 GEMMs with up to this many rows run as weight @ x^T (ModelRunner._linear)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +44,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         cpu = self.device.type == "cpu"
         self.fused = [self._fuse(layer) for layer in self.layers]
-        # few-row fp32 GEMMs on CPU as ``W @ x^T`` (see _linear); other dtypes and devices use F.linear
-        self.tall_skinny = cpu and next(model.parameters()).dtype == torch.float32
+        # fp32 GEMMs on CPU through a row-count dispatch (engine/cpu_gemm.py); other dtypes and devices F.linear
+        self.cpu_linear = CpuLinear() if cpu and next(model.parameters()).dtype == torch.float32 else None
         # Compiled path: all-decode steps, padded to batch-size buckets with key length a multiple of
         # kv_multiple, so a handful of graphs serve every step (CUDA graphs under reduce-overhead).
         # Prefill and mixed steps vary in shape every time and stay eager.
@@ -93,18 +91,11 @@ class ModelRunner:
         return qkv, gate_up
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear(x, weight, bias)``; on CPU in fp32 with at most ``TALL_SKINNY_MAX_ROWS`` rows computed as
-        ``weight @ x^T`` (one row padded to two), which MKL runs as a tall-skinny GEMM streaming the weight
-        once. Measured on the dev box (2 threads, weights from DRAM): the LM head [49152, 576] 2.2 ms for 1-2
-        rows and 3.2 ms for 5, against 3.9 / 10.8 ms through ``F.linear`` (column-major weight) and 6.4 / 11.4
-        ms (row-major); MLP and attention projections alike. Above 64 rows ``F.linear`` is as fast or faster.
-        """
-        m = x.shape[0]
-        if not self.tall_skinny or m > TALL_SKINNY_MAX_ROWS or m == 0:
+        """``F.linear(x, weight, bias)``; fp32 on CPU through :class:`~tokenmill.engine.cpu_gemm.CpuLinear`
+        (``W @ x^T`` for a few rows, oneDNN above: several times MKL's ``F.linear`` speed on the dev box)."""
+        if self.cpu_linear is None:
             return F.linear(x, weight, bias)
-        xs = torch.cat([x, x]) if m == 1 else x
-        out = torch.mm(weight, xs.t()).t()[:m].contiguous()
-        return out if bias is None else out + bias
+        return self.cpu_linear(x, weight, bias)
 
     def _proj(self, mod, x: torch.Tensor) -> torch.Tensor:
         """A projection module applied to ``x``: plain ``nn.Linear`` through :meth:`_linear`, others (quantized

@@ -120,24 +120,14 @@ def test_chat_template(tiny_pipeline):
     assert "hello" in text and "assistant" in text
 
 
-def test_cpu_few_row_gemms_match_f_linear(tiny_pipeline):
-    """On CPU in fp32 the runner computes GEMMs of up to TALL_SKINNY_MAX_ROWS rows as ``W @ x^T`` (one row
-    padded to two): same values as ``F.linear`` for every row count, with and without bias; weights keep
-    their ordinary layout."""
-    import torch.nn.functional as F
-
-    from tokenmill.engine.runner import TALL_SKINNY_MAX_ROWS
-
+def test_runner_uses_cpu_gemm_dispatch_keeping_weight_layout(tiny_pipeline):
+    """An fp32 CPU pipeline's runner routes its GEMMs through CpuLinear; weights keep their ordinary layout."""
     runner = tiny_pipeline.runner
-    assert runner.tall_skinny
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
-    for m in (1, 2, 3, 5, 17, TALL_SKINNY_MAX_ROWS, TALL_SKINNY_MAX_ROWS + 1):
-        x = torch.randn(m, 40, generator=g)
-        for bias in (None, b):
-            out = runner._linear(x, w, bias)
-            assert out.shape == (m, 96) and out.is_contiguous()
-            torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert runner.cpu_linear is not None
+    x = torch.randn(3, runner.config.hidden_size)
+    w = runner.layers[0].self_attn.o_proj.weight
+    torch.testing.assert_close(runner._linear(x, w, None), torch.nn.functional.linear(x, w),
+                               rtol=1e-5, atol=1e-5)
     layer = runner.layers[0]
     for mod in (layer.self_attn.q_proj, layer.mlp.down_proj, runner.lm_head):
         assert mod.weight.is_contiguous()

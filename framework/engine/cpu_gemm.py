@@ -1,0 +1,66 @@
+"""Which kernel runs a float32 ``F.linear`` on CPU, by row count.
+
+PyTorch's CPU ``F.linear`` calls MKL's sgemm. Measured on the dev box (2 threads, an AMD EPYC with AVX-512,
+the default model's weight shapes, one full model's worth of GEMMs per call; see docs/architecture.md):
+
+============  ==================  ===========================  ==============================
+rows          ``F.linear`` (MKL)  ``W @ x^T`` (MKL, row-major)  oneDNN ``_linear_pointwise``
+============  ==================  ===========================  ==============================
+1             29.8 ms             12.5 ms (one row padded)      15.7 ms
+4             43.3 ms             14.5 ms                       20.0 ms
+8             46.0 ms             31.4 ms                       22.4 ms
+17            64.8 ms             61.4 ms                       27.6 ms
+370           494 ms              571 ms                        243 ms
+============  ==================  ===========================  ==============================
+
+So up to :data:`SKINNY_MAX_ROWS` rows we compute ``W @ x^T`` (a tall-skinny GEMM that streams the weight
+once; 1 and 3 rows are padded by one, which MKL runs faster: 3 rows cost 18.0 ms, 4 rows 14.5), above that oneDNN's fp32 matmul (AVX-512 on any vendor's CPU) when this build has it, else
+``F.linear``. All three agree with ``F.linear`` to float32 rounding (tests/engine/test_cpu_gemm.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SKINNY_MAX_ROWS = 4
+PAD_ROWS = (1, 3)  # row counts MKL runs slower than one more row (1 row 2x, 3 rows 1.25x): padded by a row
+
+
+def _onednn_op():
+    """oneDNN's fp32 linear (``torch.ops.mkldnn._linear_pointwise``) if this build has it and it gives
+    ``F.linear``'s values on a probe; else None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(8, 24, generator=g), torch.randn(40, 24, generator=g),
+                   torch.randn(40, generator=g))
+        with torch.inference_mode():
+            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    except (RuntimeError, TypeError):
+        return None
+    return op if ok else None
+
+
+class CpuLinear:
+    """``F.linear`` for 2-D float32 inputs on CPU, dispatched by row count (module docstring)."""
+
+    def __init__(self, *, onednn: bool = True) -> None:
+        self.onednn = _onednn_op() if onednn else None
+
+    @property
+    def backend(self) -> str:
+        return "onednn" if self.onednn is not None else "mkl"
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x.shape[0]
+        if 0 < m <= SKINNY_MAX_ROWS:
+            xs = torch.cat([x, x[:1]]) if m in PAD_ROWS else x
+            out = torch.mm(weight, xs.t()).t()[:m].contiguous()
+            return out if bias is None else out + bias
+        if self.onednn is not None and m > 0:
+            return self.onednn(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
