@@ -211,6 +211,9 @@ class PipelineContext:
     dtype: torch.dtype
     limits: SchedulerLimits
     kv_spec: KVCacheSpec
+    # the target's KV pool, to read only: a sequence's first ``num_computed_tokens`` positions hold its K/V at
+    # the rows its ``block_table`` gives (a self-draft copies them instead of recomputing them)
+    kv_pool: KVPool | None = None
 
 
 @dataclass(slots=True)

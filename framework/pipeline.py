@@ -47,7 +47,8 @@ class Pipeline:
         self.runner = ModelRunner(model, pool, compile_spec=spec.compile)
         self.pm.hook.configure(context=PipelineContext(
             model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
-            device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec))
+            device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
+            kv_pool=pool))
         self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits,
                              eos_token_ids=self._eos_ids(), seed=spec.seed)
 

@@ -10,6 +10,12 @@ them. ``compile_draft: true`` runs the draft's single-token steps through ``torc
 like the target's compiled decode path): drafting is k sequential small forwards, where per-op overhead
 dominates, so it pays even when the target runs eagerly. With ``compile_draft`` and no ``max_batch_size``,
 steps of more than ``DRAFT_BUCKETS[-1]`` sequences do not speculate (the draft's eager path is slower there).
+
+A self-draft shares the target's K/V (``share_kv``, on by default for self-drafts): every position the target
+has computed is copied from the target's pool into the draft's rows instead of being recomputed by the draft,
+so the draft never prefills a prompt (that would cost about as much as the target's own prefill) nor catches
+up on accepted tokens; it runs only its k single-token steps, on the target's exact K/V. The step in which a
+prompt's prefill runs (its K/V not yet computed) gets no drafts.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from tokenmill.sequence import Sequence
 SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
 DRAFT_BUCKETS = [1, 2, 4, 8, 16]  # batch sizes the compiled draft pads to; more sequences run eagerly
 CATCH_UP_COMPILED = 2  # catch-up steps of up to this many tokens per sequence take the compiled path
+SHARED_MAX_NEW = CATCH_UP_COMPILED  # sharing the target's K/V: tokens left for the draft to compute, at most
 LOOKUP_WINDOW = 4096  # tokens searched back for `lookup_ngram` matches
 SELF_DRAFT_GRID = {"int4": {"group_size": 32}, "nf4": {"block_size": 32}}  # finer than the plugins' defaults
 
@@ -69,7 +76,8 @@ def quantized_copy(model, plugin_name: str, options: dict | None = None):
 class DraftModelRunner:
     """The draft model with its own KV rows (one per sequence) and bookkeeping of what it has seen."""
 
-    def __init__(self, model, max_seqs: int, max_len: int, *, compile_spec: CompileSpec | None = None) -> None:
+    def __init__(self, model, max_seqs: int, max_len: int, *, compile_spec: CompileSpec | None = None,
+                 target: KVPool | None = None) -> None:
         spec = ModelRunner.kv_spec(model, dtype=next(model.parameters()).dtype,
                                    device=next(model.parameters()).device, max_model_len=max_len,
                                    max_num_seqs=max_seqs)
@@ -82,6 +90,11 @@ class DraftModelRunner:
         self.free_rows = list(range(max_seqs - 1, -1, -1))
         self.rows: dict[int, tuple[Sequence, int]] = {}
         self.seen: dict[int, list[int]] = {}  # tokens whose KV the draft cache holds, per sequence
+        self.target = target  # the target's pool to copy computed K/V from (a self-draft), or None
+        self.synced: dict[int, int] = {}  # leading positions of a sequence's row that hold the target's K/V
+        if target is not None:
+            assert len(target.k) == spec.num_layers and tuple(target.k[0].shape[1:]) == shape[1:], \
+                "share_kv needs a draft with the target's KV layout"
 
     def warm_up(self) -> None:
         """Compile the draft's graphs now, not on the first requests: batch 1 and 2, one- and two-token steps
@@ -104,6 +117,7 @@ class DraftModelRunner:
             if seq.is_finished:
                 del self.rows[sid]
                 self.seen.pop(sid, None)
+                self.synced.pop(sid, None)
                 self.free_rows.append(row)
 
     def _unseen(self, seq: Sequence) -> tuple[int, list[int]]:
@@ -115,17 +129,45 @@ class DraftModelRunner:
             common += 1
         return common, seq.token_ids[common:]
 
+    def _copy_target_kv(self, spans: list[tuple[Sequence, int, int]]) -> None:
+        """Copy the target's K/V of positions ``[lo, hi)`` of each sequence into the sequence's draft row."""
+        t = self.target
+        bs = t.block_size
+        src, dst = [], []
+        for seq, lo, hi in spans:
+            bt, base = seq.block_table, self.rows[seq.seq_id][1] * self.max_len
+            src.extend(bt[p // bs] * bs + p % bs for p in range(lo, hi))
+            dst.extend(range(base + lo, base + hi))
+            self.synced[seq.seq_id] = hi
+        if not src:
+            return
+        dev = self.runner.pool.k[0].device
+        s, d = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+        pool = self.runner.pool
+        for from_, to in zip(t.k + t.v, pool.k + pool.v):
+            to.index_copy_(0, d, from_.index_select(0, s).to(to.dtype))
+
     def propose(self, seqs: list[Sequence], k: int, max_catch_up_ratio: float | None = None) -> list[Draft]:
         """``k`` drafts per sequence. A sequence whose unseen tokens (the draft's own prefill of it) number more
         than ``max_catch_up_ratio`` times the tokens it may still generate gets none this step: catching up
-        costs about as much as the target's prefill and would not pay for itself."""
+        costs about as much as the target's prefill and would not pay for itself. Sharing the target's K/V,
+        the unseen tokens are those the target has not computed either (more than ``SHARED_MAX_NEW``: no
+        drafts this step)."""
         self._release_finished()
         active: list[Sequence] = []
         items = []
+        spans = []
         for seq in seqs:
             if seq.num_tokens + k > self.max_len:
                 continue
             common, new = self._unseen(seq)
+            start = common
+            if self.target is not None:
+                computed = min(seq.num_computed_tokens, seq.num_tokens - 1)
+                start = max(common, computed)
+                if seq.num_tokens - start > SHARED_MAX_NEW:
+                    continue
+                new = seq.token_ids[start:]
             remaining = seq.params.max_tokens - seq.num_output_tokens
             if max_catch_up_ratio is not None and len(new) > max_catch_up_ratio * max(remaining, 0):
                 continue
@@ -133,14 +175,20 @@ class DraftModelRunner:
                 if not self.free_rows:
                     continue
                 self.rows[seq.seq_id] = (seq, self.free_rows.pop())
+            if self.target is not None:  # positions from the first not holding the target's K/V up to computed
+                lo = min(self.synced.get(seq.seq_id, 0), common)
+                if computed > lo:
+                    spans.append((seq, lo, computed))
             self.seen[seq.seq_id] = list(seq.token_ids)
             active.append(seq)
             # 1) catch up: feed every token the draft has not seen (valid prefix kept), sample the first draft
-            items.append((new, common, [self.rows[seq.seq_id][1]], 1))
+            items.append((new, start, [self.rows[seq.seq_id][1]], 1))
         drafts: dict[int, list[int]] = {s.seq_id: [] for s in active}
         probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in active}
         if not active:
             return [Draft([]) for _ in seqs]
+        if spans:
+            self._copy_target_kv(spans)
         for step in range(k):
             logits = self._forward(items)
             items = []
@@ -185,6 +233,8 @@ class Speculative(DrafterPlugin):
         # a sequence the draft has not caught up on (its prompt, at first) is drafted for only once it may still
         # generate at least 1/ratio as many tokens as the draft must prefill for it (null: always)
         max_catch_up_ratio: float | None = 4.0
+        # a self-draft copies the K/V the target computed instead of recomputing them (null: on for self-drafts)
+        share_kv: bool | None = None
 
         def __post_init__(self) -> None:
             DrafterPlugin.Options.__post_init__(self)
@@ -226,8 +276,17 @@ class Speculative(DrafterPlugin):
         # width and key length would recompile for minutes under a changing batch; larger batches run eagerly
         compile_spec = CompileSpec(enabled=True, mode=opts.compile_mode, dynamic=True,
                                    buckets=DRAFT_BUCKETS) if opts.compile_draft else None
+        if opts.share_kv is None:
+            share = opts.draft in SELF_DRAFTS and context.kv_pool is not None
+        else:
+            share = opts.share_kv
+        if share and opts.draft not in SELF_DRAFTS:
+            raise PipelineError(f"share_kv: true needs a self-draft ({', '.join(SELF_DRAFTS)}); the draft model "
+                                f"'{opts.draft}' has its own weights and so its own K/V")
+        if share and context.kv_pool is None:
+            raise PipelineError("share_kv: this pipeline gives plugins no KV pool to share")
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
-                                       compile_spec=compile_spec)
+                                       compile_spec=compile_spec, target=context.kv_pool if share else None)
         self.runner.warm_up()
         if opts.compile_draft and opts.max_batch_size is None:
             # above the largest bucket the draft runs eagerly (and its quantized kernels would compile inside

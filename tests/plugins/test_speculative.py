@@ -328,3 +328,60 @@ def test_draft_model_skips_sequences_whose_catch_up_would_not_pay(tiny_llama_dir
         drafts.append(pipe.stats()["spec"]["draft_tokens"])
     assert outs[0] == outs[1]
     assert drafts[0] == 0 and drafts[1] > 0
+
+
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_self_draft_shares_the_targets_kv(tiny_llama_dir, reference, layout):
+    """A self-draft copies the K/V the target computed instead of recomputing them: it never runs more than
+    SHARED_MAX_NEW tokens per sequence in a forward (no prompt prefill, no catch-up), its rows hold the
+    target's K/V for every computed position, and greedy output equals plain decoding (batch 1 and mixed)."""
+    from tokenmill.plugins.speculative.draft_model import SHARED_MAX_NEW
+
+    plugins = [{"speculative": {"draft": "self_int8", "adaptive": False}}] + (PAGED if layout == "paged" else [])
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    runner = pipe.pm.get_plugin("speculative").runner
+    assert runner.target is pipe.runner.pool
+    widths, seen = [], {}
+    forward = runner._forward
+
+    def spy(items):
+        widths.extend(len(toks) for toks, *_ in items)
+        return forward(items)
+
+    runner._forward = spy
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    if layout == "paged":
+        out = [r.token_ids for r in pipe.generate(PROMPTS, params)]
+    else:
+        out = [pipe.generate(p, params)[0].token_ids for p in PROMPTS]
+    assert out == reference
+    assert widths and max(widths) <= SHARED_MAX_NEW
+    spec = pipe.stats()["spec"]
+    assert spec["draft_tokens"] > 0 and spec["acceptance_rate"] > 0.5
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+
+    # the copied positions of a sequence's draft row are the target's K/V (checked mid-generation)
+    pipe.submit(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))
+    for _ in range(3):
+        pipe.step()
+    seq = pipe.engine.running[0]
+    upto = runner.synced[seq.seq_id]
+    assert upto > len(pipe.encode(PROMPTS[0]))
+    pool, bs, row = pipe.runner.pool, pipe.runner.pool.block_size, runner.rows[seq.seq_id][1]
+    slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(upto)])
+    for layer in range(len(pool.k)):
+        torch.testing.assert_close(runner.runner.pool.k[layer][row * runner.max_len:][:upto], pool.k[layer][slots])
+        torch.testing.assert_close(runner.runner.pool.v[layer][row * runner.max_len:][:upto], pool.v[layer][slots])
+    while pipe.engine.has_unfinished():
+        pipe.step()
+
+
+def test_share_kv_needs_a_self_draft(tiny_llama_dir, other_tiny):
+    from tokenmill.errors import PipelineError
+
+    plugins = [{"speculative": {"draft": str(other_tiny), "share_kv": True}}]
+    with pytest.raises(PipelineError, match="share_kv: true needs a self-draft"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    plugins = [{"speculative": {"draft": str(other_tiny)}}]
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    assert pipe.pm.get_plugin("speculative").runner.target is None
