@@ -22,7 +22,7 @@ swapped, ``adaptive: false`` (the adaptive switch is for batches):
 * ``self_int8_lookup`` / ``self_int4_lookup``: the self-draft with ``lookup_ngram: 3``: where the last 3 tokens
   occurred earlier, their continuation (up to ``--pl-k`` tokens) is proposed instead of drafting;
 * ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, default 16, ngram 3..1; a
-  match shorter than 3 proposes at most ``--pl-short``, default 2, as in ``pipelines/prompt-lookup.yaml``);
+  match shorter than 3 proposes at most ``--pl-short``, default 3, as in ``pipelines/prompt-lookup.yaml``);
 * ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist);
 * ``draft_model``: ``speculative`` with a *locally built* draft: a layer-truncated copy of the default model (its
   first ``--draft-layers`` decoder layers, same embeddings / final norm / LM head, untrained), written once to
@@ -486,7 +486,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="batch 1: run the rows round-robin R times, best per prompt")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens of speculative / medusa / draft_model")
     ap.add_argument("--pl-k", type=int, default=16, help="num_speculative_tokens of prompt_lookup")
-    ap.add_argument("--pl-short", type=int, default=2,
+    ap.add_argument("--pl-short", type=int, default=3,
                     help="prompt_lookup short_draft_tokens: matches shorter than max_ngram propose at most this "
                          "many (0: no cap); a row prompt_lookup:K:S sets both")
     ap.add_argument("--no-compile-draft", action="store_true",

@@ -224,6 +224,9 @@ class QuantOptions:
     compute_dtype: ComputeDType = "auto"
     kernel_max_rows: int | None = None  # rows up to which the packed kernel runs; more: dequantize + dense GEMM
     lm_head_int8_rows: int = 0  # int4/nf4: keep the first N rows of the LM head / embedding matrix in int8
+    # int4/nf4: selected decoder linear layers matching these globs are stored in int8 (per-channel) instead:
+    # mixed precision for the layers the format hurts most (like llama.cpp's *_M mixes keep attn_v higher)
+    int8_layers: list[str] = field(default_factory=list)
     load: str | None = None     # a directory written by `tokenmill quantize`: load it instead of quantizing
     # GPTQ for the decoder blocks' linear layers: true (defaults) or a mapping of GPTQ settings (see gptq.py);
     # null/false rounds to nearest. Normalized to the full settings dict (recorded in checkpoints).
@@ -233,7 +236,7 @@ class QuantOptions:
         from tokenmill.plugins.quant.gptq import gptq_settings
 
         self.gptq = gptq_settings(self.gptq)
-        for key in ("include", "skip"):
+        for key in ("include", "skip", "int8_layers"):
             if not all(isinstance(p, str) and p for p in getattr(self, key)):
                 raise ValueError(f"{key} must be a list of non-empty glob patterns, got {getattr(self, key)!r}")
         if self.kernel_max_rows is not None and self.kernel_max_rows < 0:
@@ -283,6 +286,11 @@ class QuantPlugin(Plugin):
         return (any(fnmatch.fnmatchcase(name, p) for p in opts.include)
                 and not any(fnmatch.fnmatchcase(name, p) for p in opts.skip))
 
+    def in_int8(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether a selected layer goes to int8 instead of this plugin's format (``int8_layers``)."""
+        return (isinstance(module, torch.nn.Linear) and self.name != "int8"
+                and any(fnmatch.fnmatchcase(name, p) for p in self.options.int8_layers))
+
     # -- quantization ----------------------------------------------------------------------------------
     def quantize_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, model_dtype: torch.dtype
                         ) -> QuantLinear:
@@ -304,7 +312,7 @@ class QuantPlugin(Plugin):
         from tokenmill.plugins.quant.gptq import gptq_quantize
 
         codes, params, _ = gptq_quantize(weight, hessian, self.gptq_grid(weight), damp=opts.damp,
-                                         act_order=opts.act_order)
+                                         act_order=opts.act_order, refit=opts.refit_scales)
         return self.from_codes(codes, params, weight, bias)
 
     @hookimpl
@@ -359,6 +367,15 @@ class QuantPlugin(Plugin):
             return new
         if not self.wants(name, module):
             return None
+        if self.in_int8(name, module):
+            from tokenmill.plugins.quant.int8 import Int8Linear
+
+            w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
+            cd = resolve_compute_dtype(self.options.compute_dtype, w.dtype, w.device)
+            with torch.no_grad():
+                q = Int8Linear.from_float(w, b, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows)
+            self.quantized[name] = q.kind
+            return q
         prepared = self._gptq_result(name, module)
         if prepared is not None:
             self.quantized[name] = prepared.kind

@@ -194,7 +194,8 @@ def gptq_model(plugin: "QuantPlugin", model, tokenizer, settings: dict, *, progr
     for i, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress)):
         last = i + 1 == len(blocks)
         linears = {f"{prefix}.{i}.{n}": m for n, m in block.named_modules()
-                   if isinstance(m, torch.nn.Linear) and plugin.wants(f"{prefix}.{i}.{n}", m)}
+                   if isinstance(m, torch.nn.Linear) and plugin.wants(f"{prefix}.{i}.{n}", m)
+                   and not plugin.in_int8(f"{prefix}.{i}.{n}", m)}
         groups = _block_groups(order, linears, f"{prefix}.{i}.") if order else [list(linears)]
         saved: dict[str, torch.Tensor] = {}
         try:

@@ -46,6 +46,8 @@ class GPTQOptions:
     true_sequential: bool = True  # within a block, calibrate each layer on the outputs of the quantized layers
                                   # before it (q/k/v, then o, then gate/up, then down: one partial pass each)
     seed: int = 0            # which calibration sequences are drawn
+    refit_scales: bool = False  # after the column loop, least-squares block scales for the chosen codes
+                                # (scale-only grids: nf4, int8); see refit_scales()
     batch_size: int = 8      # sequences per forward in the calibration pass (memory, not results)
 
     def __post_init__(self) -> None:
@@ -118,13 +120,14 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
-                  act_order: bool = False, block: int = LAZY_BLOCK
+                  act_order: bool = False, block: int = LAZY_BLOCK, refit: bool = False
                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Quantize ``weight [N, K]`` onto ``grid`` minimizing the output error under ``hessian [K, K]``.
 
     :return: (``codes [N, Kp]`` in ``grid.code_dtype``, the constants as ``[N, G]`` float32 tensors (one per
         kind the grid fits; ``G = Kp / group_size``), the dequantized weight ``[N, K]`` float32). ``Kp`` is K
         rounded up to the group size; padded columns hold code-of-zero values that meet zero activations.
+        With ``refit`` the scales are then re-solved for the chosen codes (:func:`refit_scales`).
     """
     n, k = weight.shape
     gs = grid.group_size or k
@@ -154,7 +157,50 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     codes = codes[:, position]
     deq = w[:, position][:, :k]
     stacked = [torch.stack([p[i] for p in params], dim=1) for i in range(len(params[0]))]
+    if refit:
+        if not hasattr(grid, "levels"):
+            raise ValueError(f"gptq: refit_scales needs a scale-only grid (nf4, int8), not {type(grid).__name__}")
+        hp = F.pad(hessian.detach().float(), (0, kp - k, 0, kp - k))
+        hp[dead, dead] = 1.0
+        values = grid.levels(codes)
+        scales = refit_scales(F.pad(weight.detach().float(), (0, kp - k)), hp, values, gs, damp, stacked[0])
+        stacked = list(grid.with_scales(scales))
+        deq = (values.view(n, ngroups, gs) * scales[..., None]).view(n, kp)[:, :k]
     return codes, stacked, deq
+
+
+@torch.no_grad()
+def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, values: torch.Tensor, group_size: int,
+                 damp: float, fallback: torch.Tensor) -> torch.Tensor:
+    """Least-squares group scales for fixed codes.
+
+    For a grid whose dequantized weight is ``scale[g] * level[j]`` (NF4 blocks, int8 rows), the scales that
+    minimize a row's output error ``(w - s*l)^T H (w - s*l)`` once the codes are chosen solve the small system
+    ``(L^T H L) s = L^T H w`` with ``L[j, g] = level[j]`` for ``j`` in group ``g``: one ``G x G`` solve per row.
+    GPTQ's codes were picked against the groups' first-fit scales; refitting can only lower this objective.
+
+    :param weight: ``[N, Kp]`` float weights (padded columns zero). :param hessian: ``[Kp, Kp]``.
+    :param values: ``[N, Kp]`` the codes' levels. :param fallback: ``[N, G]`` scales kept for groups whose
+        levels are all zero.
+    :return: ``[N, G]`` float32 scales.
+    """
+    n, kp = weight.shape
+    g = kp // group_size
+    h = hessian.double()
+    h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(kp, dtype=h.dtype, device=h.device)
+    v = values.double().view(n, g, group_size)
+    hv = torch.einsum("kgl,ngl->nkg", h.view(kp, g, group_size), v)             # H @ L per row: [N, Kp, G]
+    m = torch.einsum("ngl,nglh->ngh", v, hv.view(n, g, group_size, g))          # L^T H L: [N, G, G]
+    b = (v * (weight.double() @ h).view(n, g, group_size)).sum(-1)               # L^T H w: [N, G]
+    empty = (v == 0).all(-1)                                                    # [N, G]
+    eye = torch.eye(g, dtype=m.dtype, device=m.device)
+    m = torch.where(empty[:, :, None] | empty[:, None, :], eye * empty[:, :, None], m)
+    b = torch.where(empty, fallback.double(), b)
+    scales, info = torch.linalg.solve_ex(m, b)
+    bad = info != 0
+    if bool(bad.any()):
+        scales[bad] = fallback.double()[bad]
+    return scales.float()
 
 
 @contextlib.contextmanager
@@ -222,5 +268,5 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.T
     return float((ref - x @ approx.float().t()).norm() / ref.norm().clamp_min(1e-12))
 
 
-__all__ = ["GPTQOptions", "Grid", "gptq_quantize", "gptq_settings", "inverse_hessian_factor", "relative_output_error",
-           "rtn_quantize"]
+__all__ = ["GPTQOptions", "Grid", "gptq_quantize", "gptq_settings", "inverse_hessian_factor", "refit_scales",
+           "relative_output_error", "rtn_quantize"]

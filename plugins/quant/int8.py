@@ -45,6 +45,15 @@ class Int8Grid:
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor]:
         return (int8_scales(w),)
 
+    @staticmethod
+    def levels(codes: torch.Tensor) -> torch.Tensor:
+        """The value each code stands for, before the row scale (GPTQ's ``refit_scales``)."""
+        return codes.float()
+
+    @staticmethod
+    def with_scales(scales: torch.Tensor) -> tuple[torch.Tensor]:
+        return (scales,)
+
     def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
         (scale,) = params
         q = torch.round(col / scale).clamp_(-127, 127)

@@ -82,6 +82,15 @@ class NF4Grid:
         absmax = w.abs().amax(1)
         return absmax, torch.where(absmax > 0, absmax, torch.ones_like(absmax)).reciprocal()
 
+    def levels(self, codes: torch.Tensor) -> torch.Tensor:
+        """The NF4 level of each code (what a block scale multiplies)."""
+        return self.code.to(codes.device)[codes.long()]
+
+    @staticmethod
+    def with_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refitted block scales ``[N, G]`` in :meth:`fit`'s (scale, reciprocal) form."""
+        return scales, torch.where(scales != 0, scales, torch.ones_like(scales)).reciprocal()
+
     def quantize(self, col: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
         absmax, inv = params
         if self.mids.device != col.device:

@@ -322,6 +322,31 @@ def test_gptq_reduces_layer_output_error(fmt, act_order):
     assert all(p.shape == (n, codes.shape[1] // gs) for p in params)
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_gptq_refit_scales_lowers_output_error(fmt):
+    """``refit_scales``: least-squares scales for GPTQ's codes lower the layer's output error under the
+    calibration Hessian (codes unchanged); a grid with zero points cannot refit."""
+    from tokenmill.plugins.quant.gptq import gptq_quantize, relative_output_error
+    from tokenmill.plugins.quant.int4 import Int4Grid
+    from tokenmill.plugins.quant.int8 import Int8Grid
+    from tokenmill.plugins.quant.nf4 import NF4Grid
+
+    grid = {"nf4": NF4Grid(64), "int8": Int8Grid()}[fmt]
+    torch.manual_seed(3)
+    w = torch.randn(48, 160)
+    x = correlated_inputs(1024, 160)
+    h = 2 * x.t() @ x / x.shape[0]
+    codes, params, deq = gptq_quantize(w, h, grid, act_order=True)
+    codes2, params2, deq2 = gptq_quantize(w, h, grid, act_order=True, refit=True)
+    assert torch.equal(codes, codes2) and not torch.equal(params[0], params2[0])
+    assert relative_output_error(w, deq2, x) < relative_output_error(w, deq, x)
+    gs = grid.group_size or 160
+    values = grid.levels(codes2).view(48, -1, gs) * params2[0][..., None]
+    assert torch.allclose(values.view(48, -1)[:, :160], deq2)
+    with pytest.raises(ValueError, match="refit_scales needs a scale-only grid"):
+        gptq_quantize(w, h, Int4Grid(32, torch.float32), refit=True)
+
+
 @pytest.mark.parametrize("plugin,opts", [("nf4", {"double_quant": False, "compile_kernels": False}),
                                          ("int4", {"group_size": 32, "compute_dtype": "float32"}), ("int8", {})])
 def test_gptq_modules_hold_what_gptq_chose(plugin, opts):
@@ -387,20 +412,25 @@ def test_gptq_pass_leaves_the_model_as_found(tiny_qwen_dir, tokenizer):
 
 @pytest.mark.parametrize("plugin,opts", [
     ("nf4", {"compile_kernels": False, "lm_head_int8_rows": 50000}),
+    ("nf4", {"compile_kernels": False, "int8_layers": ["*.v_proj"], "gptq_refit": True}),
     ("int4", {"group_size": 32, "gptq_act_order": True})])
 def test_gptq_pipeline_saves_and_reloads_identically(tiny_qwen_dir, tmp_path, plugin, opts):
+    """GPTQ results (with refitted scales, with int8_layers in int8 and left out of calibration) are saved and
+    reloaded to identical logits."""
     from tokenmill.plugins.quant.checkpoint import save_quantized
 
     opts = dict(opts)
     act_order = opts.pop("gptq_act_order", False)
-    gptq = {"samples": 4, "seq_len": 64, "act_order": act_order}
+    gptq = {"samples": 4, "seq_len": 64, "act_order": act_order, "refit_scales": opts.pop("gptq_refit", False)}
     fresh = quant_pipe(tiny_qwen_dir, plugin, dict(opts, gptq=gptq))
     rtn = quant_pipe(tiny_qwen_dir, plugin, opts)
     assert fresh.quantized_layers == rtn.quantized_layers
     name = "model.layers.1.mlp.down_proj"
     a_mod, b_mod = fresh.loaded.model.get_submodule(name), rtn.loaded.model.get_submodule(name)
     assert type(a_mod) is type(b_mod) and not torch.equal(a_mod.dequantize(), b_mod.dequantize())
-    assert fresh.plugins[plugin].calibration["layers"] == 14
+    int8 = [n for n, m in fresh.loaded.model.named_modules() if type(m) is Int8Linear and "layers" in n]
+    assert int8 == [n for n in fresh.quantized_layers if n.endswith(".v_proj") and opts.get("int8_layers")]
+    assert fresh.plugins[plugin].calibration["layers"] == 14 - len(int8)
     manifest, _ = save_quantized(fresh, tmp_path / "q")
     data = json.loads(manifest.read_text())
     assert data["settings"]["gptq"]["samples"] == 4 and data["calibration"]["method"] == "gptq"
