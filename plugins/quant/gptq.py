@@ -177,7 +177,8 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, values: torch.Tens
     For a grid whose dequantized weight is ``scale[g] * level[j]`` (NF4 blocks, int8 rows), the scales that
     minimize a row's output error ``(w - s*l)^T H (w - s*l)`` once the codes are chosen solve the small system
     ``(L^T H L) s = L^T H w`` with ``L[j, g] = level[j]`` for ``j`` in group ``g``: one ``G x G`` solve per row.
-    GPTQ's codes were picked against the groups' first-fit scales; refitting can only lower this objective.
+    GPTQ's codes were picked against the groups' first-fit scales; refitting can only lower this objective
+    (with ``H`` dampened as in the column loop).
 
     :param weight: ``[N, Kp]`` float weights (padded columns zero). :param hessian: ``[Kp, Kp]``.
     :param values: ``[N, Kp]`` the codes' levels. :param fallback: ``[N, G]`` scales kept for groups whose

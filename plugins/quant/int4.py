@@ -405,6 +405,8 @@ class Int4(QuantPlugin):
             if self.group_size not in GROUP_SIZES:
                 raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                                  f"got {self.group_size}")
+            if self.gptq and self.gptq["refit_scales"]:
+                raise ValueError("gptq: refit_scales is for scale-only grids (nf4, int8); int4 has zero points")
 
     def gptq_grid(self, weight):
         cd = resolve_compute_dtype(self.options.compute_dtype, weight.dtype, weight.device)

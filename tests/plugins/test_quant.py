@@ -345,6 +345,10 @@ def test_gptq_refit_scales_lowers_output_error(fmt):
     assert torch.allclose(values.view(48, -1)[:, :160], deq2)
     with pytest.raises(ValueError, match="refit_scales needs a scale-only grid"):
         gptq_quantize(w, h, Int4Grid(32, torch.float32), refit=True)
+    from tokenmill.plugins.quant.int4 import Int4
+
+    with pytest.raises(ValueError, match="refit_scales is for scale-only grids"):
+        Int4.Options(gptq={"refit_scales": True})
 
 
 @pytest.mark.parametrize("plugin,opts", [("nf4", {"double_quant": False, "compile_kernels": False}),
