@@ -5,7 +5,8 @@ shares one quantized copy with a tied LM head) by a module that keeps the weight
 packed-weight kernel (int8, int4) or a compiled dequant+GEMV (nf4). ``tokenmill quantize`` saves the result
 (safetensors + manifest) and ``load: DIR`` reuses it without quantizing again.
 """
-from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, QuantPlugin, SplitRowsLinear
+from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, SplitRowsLinear
+from tokenmill.plugins.quant.quantizer import QuantPlugin
 from tokenmill.plugins.quant.int4 import Int4, Int4Linear
 from tokenmill.plugins.quant.int8 import Int8, Int8Linear
 from tokenmill.plugins.quant.nf4 import NF4, NF4Linear

@@ -20,7 +20,8 @@ import torch
 from tokenmill.plugins.quant.gptq import GPTQOptions
 
 if TYPE_CHECKING:
-    from tokenmill.plugins.quant.base import QuantLinear, QuantPlugin
+    from tokenmill.plugins.quant.base import QuantLinear
+    from tokenmill.plugins.quant.quantizer import QuantPlugin
 
 
 def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

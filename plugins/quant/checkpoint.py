@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from tokenmill.errors import PipelineError
-from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, QuantPlugin, resolve_compute_dtype
+from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, resolve_compute_dtype
+from tokenmill.plugins.quant.quantizer import QuantPlugin
 
 MANIFEST = "manifest.json"
 WEIGHTS = "quantized.safetensors"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.plugins.quant.base import (QuantLinear, QuantOptions, QuantPlugin, pad_to, resolve_compute_dtype,
-                                         run_kernel)
+from tokenmill.plugins.quant.base import QuantLinear, pad_to, resolve_compute_dtype, run_kernel
+from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
 from tokenmill.plugins.quant.int4_cpu_layout import CpuInt4Layout, cpu_layout, int4_dequant_cpu  # noqa: F401
 
 GROUP_SIZES = (32, 64, 128, 256)

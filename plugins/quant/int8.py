@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.plugins.quant.base import QuantLinear, QuantOptions, QuantPlugin, pad_to, resolve_compute_dtype
+from tokenmill.plugins.quant.base import QuantLinear, pad_to, resolve_compute_dtype
+from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
 
 DEFAULT_KERNEL_MAX_ROWS = 8
 K_ALIGN = 32  # _weight_int8pack_mm needs rows of a multiple of 32 int8 values

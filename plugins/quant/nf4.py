@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.plugins.quant.base import (COMPILE_BROKEN, QuantLinear, QuantOptions, QuantPlugin, pad_to,
-                                         resolve_compute_dtype, run_kernel)
+from tokenmill.plugins.quant.base import COMPILE_BROKEN, QuantLinear, pad_to, resolve_compute_dtype, run_kernel
+from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
 
 DEFAULT_KERNEL_MAX_ROWS = 1  # the GEMV compiles per row count; more rows use compiled dequant + GEMM
 DQ_BLOCK = 256  # double quantization: absmax constants per int8 block
