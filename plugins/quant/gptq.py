@@ -129,6 +129,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
         rounded up to the group size; padded columns hold code-of-zero values that meet zero activations.
         With ``refit`` the scales are then re-solved for the chosen codes (:func:`refit_scales`).
     """
+    if refit and not hasattr(grid, "levels"):
+        raise ValueError(f"gptq: refit_scales needs a scale-only grid (nf4, int8), not {type(grid).__name__}")
     n, k = weight.shape
     gs = grid.group_size or k
     kp = pad_to(k, gs)
@@ -140,6 +142,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     dead = diag <= 0  # padded columns and inputs that were always zero: no error to propagate to or from
     h[dead, dead] = 1.0
     w[:, k:] = 0.0
+    h_original = h  # original column order (the solver permutes a copy and updates w in place)
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w = w[:, perm].contiguous()
@@ -158,12 +161,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     deq = w[:, position][:, :k]
     stacked = [torch.stack([p[i] for p in params], dim=1) for i in range(len(params[0]))]
     if refit:
-        if not hasattr(grid, "levels"):
-            raise ValueError(f"gptq: refit_scales needs a scale-only grid (nf4, int8), not {type(grid).__name__}")
-        hp = F.pad(hessian.detach().float(), (0, kp - k, 0, kp - k))
-        hp[dead, dead] = 1.0
         values = grid.levels(codes)
-        scales = refit_scales(F.pad(weight.detach().float(), (0, kp - k)), hp, values, gs, damp, stacked[0])
+        scales = refit_scales(F.pad(weight.detach().float(), (0, kp - k)), h_original, values, gs, damp,
+                              stacked[0])
         stacked = list(grid.with_scales(scales))
         deq = (values.view(n, ngroups, gs) * scales[..., None]).view(n, kp)[:, :k]
     return codes, stacked, deq
