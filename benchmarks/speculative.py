@@ -328,7 +328,7 @@ def build_truncated_draft(model: str, layers: int, out_dir: Path) -> dict:
     built once. Returns its description."""
     from transformers import AutoConfig
 
-    from tokenmill.models import resolve_model
+    from tokenmill.model import resolve_model
 
     src, name = resolve_model(model, progress=False)
     total = AutoConfig.from_pretrained(src).num_hidden_layers

@@ -87,7 +87,7 @@ def load_hf(cfg: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenmill.models.resolve import resolve_model
+    from tokenmill.model.resolve import resolve_model
 
     src, _ = resolve_model(cfg["model"], progress=False)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="sdpa")

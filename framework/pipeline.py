@@ -9,11 +9,10 @@ import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
-from tokenmill.engine.runner import ModelRunner
 from tokenmill.errors import RequestError
 from tokenmill.host import instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
-from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.model import LoadedModel, ModelRunner, load_model
 from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
 
@@ -44,7 +43,10 @@ class Pipeline:
                                       max_model_len=max_len, max_num_seqs=spec.limits.max_num_seqs)
         pool = self.pm.hook.init_kv_cache(spec=kv_spec)
         assert pool is not None, "no plugin answered init_kv_cache"
-        self.runner = ModelRunner(model, pool, compile_spec=spec.compile)
+        self.runner = ModelRunner(model, pool, attention=spec.attention, compile_spec=spec.compile,
+                                  max_model_len=max_len)
+        if self.runner.compiled or self.runner.attention.name != "sdpa_gather":
+            self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
         self.pm.hook.configure(context=PipelineContext(
             model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
             device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
@@ -206,6 +208,6 @@ class Pipeline:
             "quantized_layers": len(self.quantized_layers),
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
-            "compiled": self.runner.compiled,
+            "compiled": self.runner.compiled, "attention": self.runner.attention.name,
             "plugins": {name: repr(getattr(p, "options", None)) for name, p in self.plugins.items()},
         }

@@ -65,6 +65,7 @@ class PipelineSpec:
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
+    attention: str = "auto"
     plugins: list[PluginSpec] = field(default_factory=list)
     order: dict[str, list[str]] = field(default_factory=dict)
     compile: CompileSpec = field(default_factory=CompileSpec)
@@ -76,7 +77,8 @@ class PipelineSpec:
 TOP_KEYS: dict[str, str] = {
     "name": "str", "description": "str", "model": "str (alias, HF directory, .gguf file or hub id)",
     "dtype": " | ".join(DTYPES), "device": "cpu | cuda | cuda:N | mps | auto", "seed": "int",
-    "threads": "int | null", "plugins": "list", "order": "mapping hook -> [plugin, ...]",
+    "threads": "int | null", "attention": "auto | an attention backend name (tokenmill.attention entry points)",
+    "plugins": "list", "order": "mapping hook -> [plugin, ...]",
     "compile": "mapping", "limits": "mapping",
 }
 
@@ -114,7 +116,7 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
         raise fail("'model' is required: a model alias (e.g. smollm2-135m-instruct), an HF model directory, "
                    "a .gguf file or a hub id", ("model",))
     spec = PipelineSpec(model=data["model"], source=where, raw=dict(data))
-    for key, tp in (("name", str), ("description", str), ("device", str)):
+    for key, tp in (("name", str), ("description", str), ("device", str), ("attention", str)):
         if key in data:
             if not isinstance(data[key], tp):
                 raise fail(f"'{key}' must be {TOP_KEYS[key]}, got {data[key]!r}", (key,))
@@ -125,6 +127,13 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
         spec.dtype = data["dtype"]
     if not (spec.device in ("cpu", "cuda", "mps", "auto") or spec.device.startswith("cuda:")):
         raise fail(f"'device' must be {TOP_KEYS['device']}; got {spec.device!r}", ("device",))
+    if spec.attention != "auto":
+        from tokenmill.model.attention import discover_backends
+
+        backends = discover_backends()
+        if spec.attention not in backends:
+            raise fail(f"unknown attention backend '{spec.attention}'{closest(spec.attention, list(backends))}; "
+                       "allowed: auto, " + ", ".join(sorted(backends)), ("attention",))
     for key in ("seed", "threads"):
         if key in data:
             val = data[key]

@@ -8,12 +8,11 @@ from collections import deque
 
 import torch
 
-from tokenmill.engine.batch import build_batch
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
-from tokenmill.engine.runner import ModelRunner
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
+from tokenmill.model import ModelRunner
 from tokenmill.hooktypes import Draft, ScheduleInput, SchedulerLimits, StepStats, VerifyInput
 from tokenmill.params import SamplingParams
 from tokenmill.sampling import tree_path
@@ -170,11 +169,8 @@ class Engine:
             items.append((new, c, seq.block_table, 0 if d is None else 1 + len(d)))
         t_fwd = time.perf_counter()
         try:
-            batch = build_batch(items, self.runner.pool.block_size, window=self.runner.window,
-                                device=self.runner.device, decode_buckets=self.runner.decode_buckets,
-                                kv_multiple=self.runner.kv_multiple, trees=trees)
-            logits = self.runner.forward(batch)
-            verify = VerifyInput([s.seq for s in producing], logits, [], [draft_of[s.seq.seq_id] for s in producing],
+            out = self.runner.run(items, trees=trees)
+            verify = VerifyInput([s.seq for s in producing], out.logits, [], [draft_of[s.seq.seq_id] for s in producing],
                                  [probs_of[s.seq.seq_id] for s in producing],
                                  [tree_of.get(s.seq.seq_id) for s in producing] if tree_of else [])
             row = 0
@@ -191,13 +187,12 @@ class Engine:
         generated = num_draft = num_accepted = 0
         accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
         paths = self._tree_paths(verify, accepted, chunks) if tree_of else {}
-        hidden = self.runner.last_hidden
-        if hidden is not None:
-            for i, s in enumerate(producing):
-                if accepted[i]:
-                    path = paths.get(i)
-                    last = (path[-1] + 1 if path else 0) if path is not None else len(accepted[i]) - 1
-                    s.seq.last_hidden = hidden[verify.row_start[i] + last]
+        hidden = out.hidden
+        for i, s in enumerate(producing):
+            if accepted[i]:
+                path = paths.get(i)
+                last = (path[-1] + 1 if path else 0) if path is not None else len(accepted[i]) - 1
+                s.seq.last_hidden = hidden[verify.row_start[i] + last]
         for s in plan.scheduled:
             seq = s.seq
             if seq.is_finished:

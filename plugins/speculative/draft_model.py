@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.batch import build_batch
-from tokenmill.engine.runner import ModelRunner
 from tokenmill.errors import PipelineError
 from tokenmill.hooktypes import Draft, KVPool, PipelineContext
+from tokenmill.model import ModelRunner
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
 from tokenmill.plugins.speculative.prompt_lookup import lookup_match
@@ -86,7 +85,7 @@ class DraftModelRunner:
         pool = KVPool([torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)],
                       [torch.zeros(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)],
                       block_size=max_len, num_blocks=max_seqs)
-        self.runner = ModelRunner(model, pool, compile_spec=compile_spec)
+        self.runner = ModelRunner(model, pool, attention="sdpa_gather", compile_spec=compile_spec, max_model_len=max_len)
         self.max_len = max_len
         self.free_rows = list(range(max_seqs - 1, -1, -1))
         self.rows: dict[int, tuple[Sequence, int]] = {}
@@ -113,10 +112,7 @@ class DraftModelRunner:
                 self._forward([([0] * width, pos, [row], 1) for row in rows[:b]])
 
     def _forward(self, items: list) -> torch.Tensor:
-        r = self.runner
-        return r.forward(build_batch(items, self.max_len, window=r.window, device=r.device,
-                                     decode_buckets=r.decode_buckets, kv_multiple=r.kv_multiple,
-                                     max_padded_tokens=CATCH_UP_COMPILED))
+        return self.runner.run(items, max_padded_tokens=CATCH_UP_COMPILED).logits
 
     def _release_finished(self) -> None:
         for sid, (seq, row) in list(self.rows.items()):
@@ -268,7 +264,7 @@ class Speculative(DrafterPlugin):
                                    self_draft_options(qname, context.model.config.vocab_size,
                                                       opts.draft_quant_options))
         else:
-            from tokenmill.models.loader import load_model
+            from tokenmill.model import load_model
 
             loaded = load_model(opts.draft, dtype=str(context.dtype).removeprefix("torch."),
                                 device=str(context.device), progress=False)

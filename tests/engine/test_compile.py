@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tests.conftest import tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
-from tokenmill.engine.batch import build_batch
+from tokenmill.model.batch import build_batch
 
 
 def test_compiled_matches_eager(tiny_llama_dir):

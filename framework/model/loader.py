@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.models.resolve import resolve_model
+from tokenmill.model.archs import supported_model_types
+from tokenmill.model.resolve import resolve_model
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,13 +68,17 @@ def load_model(model: str, *, dtype: str = "float32", device: str = "cpu", progr
                 f"not be reached (offline?). Download it where you have network, or point `model:` at a local "
                 f"directory. ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
         raise ModelLoadError(f"cannot read model config from {src}: {exc}") from None
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(f"model type '{config.model_type}' is not supported; supported families: "
-                             + ", ".join(SUPPORTED_FAMILIES))
+    if config.model_type not in supported_model_types():
+        raise ModelLoadError(f"model type '{config.model_type}' is not supported; supported: "
+                             + ", ".join(supported_model_types()))
     # from_pretrained builds the module tree under accelerate's init_empty_weights (no throwaway random
     # init), then assigns the checkpoint tensors directly onto the target device.
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)},
-                                              attn_implementation="sdpa")
+    # (our runner does its own attention; HF's implementation serves calibration passes: sdpa where the family
+    # has it, else eager)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)}, attn_implementation="sdpa")
+    except ValueError:
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)}, attn_implementation="eager")
     hf.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(src)
     return LoadedModel(hf, tok, name, str(src), dev, dt)

@@ -6,8 +6,8 @@ import importlib.metadata as md
 import pytest
 
 from tokenmill import ModelLoadError
-from tokenmill.models import load_model
-from tokenmill.models.resolve import cache_dir, resolve_model
+from tokenmill.model import load_model
+from tokenmill.model.resolve import cache_dir, resolve_model
 
 
 def test_alias_resolves_to_cached_conversion(default_model_dir):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.engine.cpu_gemm import SKINNY_MAX_ROWS, CpuLinear
+from tokenmill.model.kernels.cpu_gemm import SKINNY_MAX_ROWS, CpuLinear
 
 
 @pytest.mark.parametrize("onednn", [True, False])

@@ -1,0 +1,170 @@
+"""The decoder every architecture is made of: a layer is a handful of named parts, and :class:`Arch` maps a
+Hugging Face model's modules onto them.
+
+The parts are the HF modules themselves (projections, norms, MLPs, rotary tables, MoE blocks), so weights,
+numerics and the quantization plugins' module swaps carry over unchanged. An architecture module only says
+*where* each part sits (which norm comes before or after which sublayer, how q/k/v are projected, how the
+embedding and the logits are scaled); :class:`~tokenmill.model.runner.ModelRunner` drives the layer loop
+and the attention backend reads and writes the KV pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model.kernels.cpu_gemm import CpuLinear
+
+
+@dataclass(slots=True, frozen=True)
+class LayerAttention:
+    """What an attention backend needs to know about one layer."""
+
+    scale: float                 # multiplies q.k before the softmax
+    window: int | None = None    # sliding window: a query at position p sees keys in (p - window, p]
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
+
+
+@dataclass(slots=True, eq=False)
+class Layer:
+    """One decoder layer as parts; a norm that is None is absent."""
+
+    attn: LayerAttention
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # x -> flat q, k, v
+    o_proj: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    attn_in: torch.nn.Module | None = None     # before attention (Llama's input_layernorm)
+    attn_out: torch.nn.Module | None = None    # on the attention output, before the residual (Gemma 2, OLMo 2)
+    mlp_in: torch.nn.Module | None = None      # before the MLP (Llama's post_attention_layernorm)
+    mlp_out: torch.nn.Module | None = None     # on the MLP output, before the residual
+    q_norm: torch.nn.Module | None = None
+    k_norm: torch.nn.Module | None = None
+    qk_norm_per_head: bool = True              # Qwen 3 / Gemma 3 norm each head; OLMo 2 the whole projection
+    rope: str = "default"                      # which rotary table (Gemma 3: local and global layers differ)
+    residual_scale: float = 1.0                # Granite's residual_multiplier
+
+
+class Linear:
+    """Applies projection modules: plain fp32 ``nn.Linear`` on CPU through the row-count GEMM dispatch
+    (:mod:`tokenmill.model.kernels.cpu_gemm`), anything else (a quantized replacement) called as it is."""
+
+    def __init__(self, cpu_fp32: bool) -> None:
+        self.cpu = CpuLinear() if cpu_fp32 else None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias) if self.cpu is None else self.cpu(x, weight, bias)
+
+    def module(self, mod) -> Callable[[torch.Tensor], torch.Tensor]:
+        if type(mod) is torch.nn.Linear:
+            return lambda x: self(x, mod.weight, mod.bias)
+        return mod
+
+    def fused(self, mods: list) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """One GEMM for several projections of the same input when all are plain ``nn.Linear`` (the modules'
+        parameters become views into the fused storage: no copy kept, the HF module tree stays valid); else
+        one call each."""
+        has_bias = [m.bias is not None for m in mods]
+        if not all(type(m) is torch.nn.Linear for m in mods) or (any(has_bias) and not all(has_bias)):
+            calls = [self.module(m) for m in mods]
+            return lambda x: tuple(c(x) for c in calls)
+        w = torch.cat([m.weight.data for m in mods], 0)
+        b = torch.cat([m.bias.data for m in mods], 0) if all(has_bias) else None
+        sizes, start = [], 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = w[start:start + n]
+            if b is not None:
+                m.bias.data = b[start:start + n]
+            sizes.append(n)
+            start += n
+        return lambda x: self(x, w, b).split(sizes, dim=-1)
+
+    def split(self, mod, sizes: list[int]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """A projection already fused in the checkpoint (Phi-3's ``qkv_proj``), split into ``sizes``."""
+        call = self.module(mod)
+        return lambda x: call(x).split(sizes, dim=-1)
+
+
+class Arch:
+    """Llama's layout, which most families share; subclasses override the parts that differ.
+
+    ``model_types`` are the HF ``config.model_type`` values the class serves (see :mod:`.registry`).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = cfg = model.config
+        base = model.model
+        self.base = base
+        attn0 = base.layers[0].self_attn
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        param = next(model.parameters())
+        self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32)
+        self.layers = [self.layer(i, hf) for i, hf in enumerate(base.layers)]
+
+    # ------------------------------------------------------------------ per layer
+    def layer(self, index: int, hf) -> Layer:
+        attn = hf.self_attn
+        return Layer(attn=self.attention(index, attn), qkv=self.qkv(attn), o_proj=self.linear.module(attn.o_proj),
+                     mlp=self.mlp(hf.mlp), q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                     **self.norms(hf))
+
+    def norms(self, hf) -> dict:
+        return {"attn_in": hf.input_layernorm, "mlp_in": hf.post_attention_layernorm}
+
+    def attention(self, index: int, attn) -> LayerAttention:
+        return LayerAttention(scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
+                              window=self.window(index, attn),
+                              softcap=getattr(attn, "attn_logit_softcapping", None))
+
+    def window(self, index: int, attn) -> int | None:
+        """The layer's sliding window: HF attention modules carry it where it varies by layer."""
+        return getattr(attn, "sliding_window", None)
+
+    def qkv(self, attn):
+        return self.linear.fused([attn.q_proj, attn.k_proj, attn.v_proj])
+
+    def mlp(self, mlp):
+        """A gated MLP (gate/up/down + act_fn) runs as one fused gate-up GEMM; any other module (an MoE block)
+        is called as it is, on the step's tokens as one ``[1, tokens, hidden]`` sequence."""
+        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return lambda x: mlp(x[None])[0]
+        gate_up, down, act = self.linear.fused([mlp.gate_proj, mlp.up_proj]), self.linear.module(mlp.down_proj), \
+            mlp.act_fn
+
+        def gated(x: torch.Tensor) -> torch.Tensor:
+            g, u = gate_up(x)
+            return down(act(g) * u)
+        return gated
+
+    # ------------------------------------------------------------------ whole model
+    def embed_scale(self) -> float | None:
+        """A factor on the input embeddings (Gemma: sqrt(hidden), Granite: embedding_multiplier), or None."""
+        return None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mod = self.base.embed_tokens
+        h = mod(input_ids)
+        scale = self.embed_scale()
+        # HF's scaled embeddings multiply inside; a swapped-in (quantized) embedding does not, so we do
+        if scale is not None and not hasattr(mod, "embed_scale"):
+            h = h * scale
+        return h
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rotary tables ``cos, sin`` of shape ``[N, 1, rotary_dim]`` for every table a layer names."""
+        cos, sin = self.base.rotary_emb(x[None], positions[None])
+        return {"default": (cos[0][:, None, :], sin[0][:, None, :])}
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``[R, vocab]`` float32 logits from final-normed hidden states."""
+        return self.linear.module(self.model.lm_head)(h).float()

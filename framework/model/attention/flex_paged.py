@@ -1,0 +1,226 @@
+"""``flex_paged``: attention that reads the paged KV pool in place, through FlexAttention's block mask.
+
+The whole pool of a layer is the key/value tensor (``[1, kv_heads, slots, head_dim]``, broadcast over the
+batch); for each sequence (a batch row) and each block of its query rows, the block mask lists the physical
+KV blocks of the sequence that the rows need: *full* blocks (every key visible to every row: context before
+this step's tokens, inside the window) skip the mask function, *partial* ones (this step's own tokens, the
+window's edge) apply it. Nothing is copied: the kernel (inductor's C++ template on CPU, Triton on CUDA) loads
+the listed blocks where they are. The mask function maps a physical slot back to its position through a
+per-row physical-to-logical block table, and among this step's tokens reads a ``[T, T]`` mask (causal, or a
+draft tree's ancestors). Sliding windows cut blocks out of the lists; soft-capping is a score modifier.
+
+Shapes are static per compiled variant: sequences are grouped by query length like ``sdpa_gather`` (decodes
+together, chunks by power of two), a group's batch is padded to a power of four (padding rows list no blocks
+and cost next to nothing), the block lists are as wide as the longest sequence can be.
+:meth:`FlexPaged.warm_up` compiles the decode variants at build. Groups of more than ``FLEX_MAX_QUERY`` query
+rows per sequence (prefill chunks) go through ``sdpa_gather``'s path: there the copy is paid once for many
+queries and is small next to the attention itself, while every new chunk length would be another compiled
+variant.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from functools import partial
+
+import torch
+
+from tokenmill.model.archs.base import LayerAttention
+from tokenmill.model.attention.base import AttentionBackend, AttentionLayout
+from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, query_groups
+from tokenmill.model.batch import ForwardBatch
+from tokenmill.model.resolve import cache_dir
+
+Q_BLOCK = 128  # query rows per block-mask row for chunks longer than this
+FLEX_MAX_QUERY = 1  # longer query groups take the gather path (see FlexPaged.max_query)
+RECOMPILE_LIMIT = 256  # compiled variants (batch bucket x query bucket x window x scale) per process
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pow4(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 4
+    return p
+
+
+def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start, qmask, qpos, *, block_size: int,
+            q_block: int, window: int | None, softcap: float | None, scale: float):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, _, t, _ = q.shape
+    slots, kv_heads, head_dim = k_cache.shape
+    bs = block_size
+
+    def mask_mod(bi, h, qi, kv):
+        lb = p2l[bi, kv // bs]
+        logical = lb * bs + kv % bs
+        rel = logical - start[bi]
+        new = (rel >= 0) & (rel < t) & qmask[bi, qi, rel.clamp(0, t - 1)]
+        ok = (lb >= 0) & ((rel < 0) | new)
+        if window is not None:
+            ok = ok & (logical > qpos[bi, qi] - window)
+        return ok
+
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, bi, h, qi, kv):
+            return torch.tanh(score / softcap) * softcap
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, bs), mask_mod=mask_mod,
+                                    seq_lengths=(t, slots))
+    k = k_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+    v = v_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                          enable_gqa=bool(q.shape[1] != kv_heads))
+
+
+class FlexPaged(AttentionBackend):
+    name = "flex_paged"
+    # query rows per sequence up to which a group runs here: decodes by default. Longer groups (verification,
+    # trees, prefill chunks) are exact here too (tests/model/test_attention.py raises this), but each new
+    # query length is another compiled variant (10-20 s on the dev box) for a copy that they amortize anyway
+    max_query: int = FLEX_MAX_QUERY
+
+    def __init__(self, layout: AttentionLayout) -> None:
+        super().__init__(layout)
+        # blocks a sequence can hold (and a spare); the block lists themselves span the whole pool (the kernel
+        # asks the mask to cover every KV block)
+        self.width = min(-(-layout.max_model_len // layout.block_size) + 1, layout.num_blocks)
+        self._fns: dict[tuple, object] = {}
+        self.gather = SdpaGather(layout)
+        # compiled kernels persist under the tokenmill cache, so a second build reuses them (seconds, not minutes)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+    @classmethod
+    def available(cls, device: torch.device) -> str | None:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError:
+            return "this PyTorch has no torch.nn.attention.flex_attention (needs 2.5 or later)"
+        if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return "inductor needs a C++ compiler on CPU (g++ or clang++) and none is on PATH"
+        if device.type not in ("cpu", "cuda"):
+            return f"FlexAttention compiles for cpu and cuda only, not {device.type}"
+        return None
+
+    def _fn(self, layer: LayerAttention, q_block: int):
+        key = (layer.window, layer.softcap, layer.scale, q_block)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = torch.compile(partial(_attend, block_size=self.layout.block_size, q_block=q_block,
+                                       window=layer.window, softcap=layer.softcap, scale=layer.scale),
+                               dynamic=False, fullgraph=True)
+            self._fns[key] = fn
+        return fn
+
+    # ------------------------------------------------------------------ metadata
+    def prepare(self, batch: ForwardBatch, window: int | None) -> tuple:
+        return tuple(("flex", self._group(batch, members, window))
+                     if max(batch.counts[i] for i in members) <= self.max_query
+                     else ("gather", (self.gather._group(batch, members, window),))
+                     for members in query_groups(batch))
+
+    def _group(self, batch: ForwardBatch, members: list[int], window: int | None) -> tuple:
+        lay, bs = self.layout, batch.block_size
+        n_real = len(members)
+        b, t = _pow4(n_real), _pow2(max(batch.counts[i] for i in members))
+        qb = min(t, Q_BLOCK)
+        nq = t // qb
+        tok, out_idx, out_sel = group_rows(batch, members, t)
+        if b > n_real:  # padding rows repeat the first sequence's tokens and see no blocks (zero output)
+            tok = torch.cat([tok, tok[:1].expand(b - n_real, -1)])
+            if out_sel is None:
+                out_sel = torch.arange(n_real * t)
+                out_idx = tok[:n_real].reshape(-1)
+        start = torch.zeros(b, dtype=torch.long)
+        count = torch.zeros(b, dtype=torch.long)
+        start[:n_real] = torch.tensor([batch.starts[i] for i in members])
+        count[:n_real] = torch.tensor([batch.counts[i] for i in members])
+        qpos = batch.positions[tok]                                           # [b, t]
+        width = max(self.width, batch.block_tables.shape[1])
+        bt = torch.zeros(b, width, dtype=torch.long)
+        bt[:n_real, :batch.block_tables.shape[1]] = batch.block_tables[members]
+        # per query block j of each row: the rows it holds, its last slot, its smallest and largest position
+        r0 = torch.arange(nq) * qb                                           # [nq]
+        r1 = torch.minimum(r0[None] + qb, count[:, None]) - 1                # [b, nq]
+        live = r0[None] < count[:, None]
+        row = torch.arange(t)
+        in_blk = (row[None, None] >= r0[None, :, None]) & (row[None, None] <= r1[:, :, None])   # [b, nq, t]
+        big = torch.iinfo(torch.long).max
+        pmin = torch.where(in_blk, qpos[:, None], big).amin(-1)
+        pmax = torch.where(in_blk, qpos[:, None], -big).amax(-1)
+        last = (start[:, None] + r1) // bs                                   # [b, nq]
+        k = torch.arange(width)[None, None]                                  # logical blocks
+        needed = live[..., None] & (k <= last[..., None])
+        full = needed & ((k + 1) * bs <= start[:, None, None])
+        if window is not None:
+            needed &= (k + 1) * bs - 1 > pmin[..., None] - window
+            full &= k * bs > pmax[..., None] - window
+        part = needed & ~full
+        nblocks = (start + count + bs - 1) // bs
+        lb = torch.where(torch.arange(width)[None] < nblocks[:, None], torch.arange(width)[None], -1)
+        p2l = torch.full((b, lay.num_blocks + 1), -1, dtype=torch.int32)
+        p2l.scatter_(1, torch.where(lb >= 0, bt, lay.num_blocks), lb.to(torch.int32))
+        p2l = p2l[:, :lay.num_blocks]
+        qmask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t).clone()
+        for j, i in enumerate(members):
+            allowed = batch.trees.get(i)
+            if allowed is not None:
+                n = allowed.shape[0]
+                r = batch.counts[i] - n
+                qmask[j, r:r + n, r:r + n] &= allowed
+
+        def lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+            phys = torch.zeros(b, nq, lay.num_blocks, dtype=torch.int32)
+            phys[..., :width] = bt[:, None, :].expand(b, nq, width).gather(-1, order)
+            return sel.sum(-1, dtype=torch.int32)[:, None], phys[:, None]
+
+        kv_num, kv_idx = lists(part)
+        full_num, full_idx = lists(full)
+        dev = lay.device
+        mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
+        return (mv(tok), mv(out_idx), mv(out_sel), qb, mv(kv_num), mv(kv_idx), mv(full_num), mv(full_idx), mv(p2l),
+                mv(start), mv(qmask), mv(qpos))
+
+    # ------------------------------------------------------------------ attention
+    def forward(self, q, k_cache, v_cache, meta, layer: LayerAttention) -> torch.Tensor:
+        n, hq, d = q.shape
+        out = None
+        for kind, group in meta:
+            if kind == "gather":
+                out = self.gather.forward(q, k_cache, v_cache, group, layer, out=out)
+                continue
+            tok, out_idx, out_sel, qb, *blocks = group
+            b, t = tok.shape
+            qg = q.index_select(0, tok.reshape(-1)).view(b, t, hq, d).transpose(1, 2).contiguous()
+            o = self._fn(layer, qb)(qg, k_cache, v_cache, *blocks)
+            o = o.transpose(1, 2).reshape(b * t, hq * d)
+            if out_idx is None:
+                return o
+            if out is None:
+                out = q.new_zeros(n, hq * d)
+            out.index_copy_(0, out_idx, o.index_select(0, out_sel))
+        return out
+
+    def warm_up(self, batches: list[ForwardBatch], layers: list[LayerAttention], k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> None:
+        seen = set()
+        for batch in batches:
+            for window in {lay.window for lay in layers}:
+                meta = self.prepare(batch, window)
+                q = torch.zeros(batch.num_tokens, self.layout.num_heads, self.layout.head_dim, dtype=self.layout.dtype,
+                                device=self.layout.device)
+                for lay in layers:
+                    key = (lay.window, lay.softcap, lay.scale, tuple((m[1][0].shape, m[1][3]) for m in meta
+                                                                     if m[0] == "flex"))
+                    if lay.window == window and key not in seen:
+                        seen.add(key)
+                        self.forward(q, k_cache, v_cache, meta, lay)

@@ -1,0 +1,123 @@
+"""``sdpa_gather``: copy each sequence's K/V rows out of the pool into a padded batch, then SDPA.
+
+Sequences are grouped by query-length class (decodes together, prefill chunks by power-of-two length) so a
+short chunk is not padded to the longest one. The copy costs about as much as the attention itself at long
+contexts (see ``flex_paged`` for the backend that reads blocks in place); it needs no compiler and is exact
+for every mask. Soft-capped layers (Gemma 2) run the same math by hand, as SDPA has no soft-cap.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model.archs.base import LayerAttention
+from tokenmill.model.attention.base import AttentionBackend
+from tokenmill.model.batch import ForwardBatch
+
+
+def query_groups(batch: ForwardBatch) -> list[list[int]]:
+    """Sequence indices grouped by query length: decodes (1 token) first, then chunks by power of two."""
+    buckets: dict[int, list[int]] = {}
+    for i, n in enumerate(batch.counts):
+        buckets.setdefault(0 if n == 1 else max(n - 1, 1).bit_length(), []).append(i)
+    return [members for _, members in sorted(buckets.items())]
+
+
+def group_rows(batch: ForwardBatch, members: list[int], t_max: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                              torch.Tensor | None]:
+    """``tok [B, T]`` flat token of each query row (pads repeat a valid token), and the valid rows' flat
+    tokens / indices into the group's ``[B*T]`` outputs (None, None when the group is the whole batch)."""
+    count = torch.tensor([batch.counts[i] for i in members])
+    t = torch.arange(t_max)
+    tok = torch.tensor([batch.offsets[i] for i in members])[:, None] + torch.minimum(t[None, :], count[:, None] - 1)
+    if len(members) == batch.num_seqs and t_max == int(count.min()):
+        return tok, None, None
+    out_sel = (t[None, :] < count[:, None]).reshape(-1).nonzero().squeeze(1)
+    return tok, tok.reshape(-1)[out_sel], out_sel
+
+
+class SdpaGather(AttentionBackend):
+    name = "sdpa_gather"
+
+    def prepare(self, batch: ForwardBatch, window: int | None) -> tuple:
+        return tuple(self._group(batch, members, window) for members in query_groups(batch))
+
+    def _group(self, batch: ForwardBatch, members: list[int], window: int | None) -> tuple:
+        starts = [batch.starts[i] for i in members]
+        counts = [batch.counts[i] for i in members]
+        bs = batch.block_size
+        b, t_max = len(members), max(counts)
+        l_max = max(s + n for s, n in zip(starts, counts))
+        kv_multiple = self.layout.kv_multiple if batch.decode_padded else 0
+        if kv_multiple:  # static-ish shapes for compiled decode: pad keys, always an explicit mask
+            l_max = -(-l_max // kv_multiple) * kv_multiple
+        start, count = torch.tensor(starts), torch.tensor(counts)
+        t, k = torch.arange(t_max), torch.arange(l_max)
+        tok, out_idx, out_sel = group_rows(batch, members, t_max)
+        rows = batch.block_tables[members]
+        kv_idx = rows[:, (k // bs).clamp(max=rows.shape[1] - 1)] * bs + (k % bs)
+        trees = {j: batch.trees[i] for j, i in enumerate(members) if i in batch.trees}
+        single = b == 1 and window is None and not kv_multiple and not trees
+        if single and counts[0] == 1:                                # one decode: attend to every key
+            mask, causal = None, False
+        elif single and starts[0] == 0:                              # one whole prompt: plain causal
+            mask, causal = None, True
+        else:
+            qpos = start[:, None] + t[None, :]                       # [B, T] slot of each query row
+            mask = k[None, None, :] <= qpos[:, :, None]
+            for j, allowed in trees.items():  # a draft tree (after its root): ancestors only
+                n = allowed.shape[0]
+                r = counts[j] - n
+                mask[j, r:r + n, starts[j] + r:starts[j] + r + n] &= allowed
+            if window is not None:
+                pos = batch.positions[tok]                           # a tree draft sits at root + depth
+                mask &= k[None, None, :] > pos[:, :, None] - window
+            pad = t[None, :] >= count[:, None]                       # padded query rows attend key 0 only
+            mask |= pad[:, :, None] & (k == 0)[None, None, :]
+            mask = mask[:, None]
+            causal = False
+        dev = self.layout.device
+        mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
+        return mv(tok), mv(kv_idx), mv(mask), causal, mv(out_idx), mv(out_sel)
+
+    def forward(self, q, k_cache, v_cache, meta, layer: LayerAttention, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(``out``: the ``[N, heads * head_dim]`` result other groups of the step fill too.)"""
+        lay = self.layout
+        n, hq, d = q.shape
+        for tok_idx, kv_idx, mask, causal, out_idx, out_sel in meta:
+            b, t = tok_idx.shape
+            l = kv_idx.shape[1]
+            # index_select on flat rows is several times faster than advanced indexing on CPU
+            qg = q.index_select(0, tok_idx.reshape(-1)).view(b, t, hq, d).transpose(1, 2)
+            flat = kv_idx.reshape(-1)
+            kg = k_cache.index_select(0, flat).view(b, l, lay.num_kv_heads, d).transpose(1, 2)
+            vg = v_cache.index_select(0, flat).view(b, l, lay.num_kv_heads, d).transpose(1, 2)
+            if layer.softcap is None:
+                o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=causal, scale=layer.scale,
+                                                   enable_gqa=bool(hq != lay.num_kv_heads))
+            else:
+                o = softcapped_attention(qg, kg, vg, mask, causal, layer)
+            o = o.transpose(1, 2).reshape(b * t, hq * d)
+            if out_idx is None:
+                return o
+            if out is None:
+                out = q.new_zeros(n, hq * d)
+            out.index_copy_(0, out_idx, o.index_select(0, out_sel))
+        return out
+
+
+def softcapped_attention(q, k, v, mask, causal: bool, layer: LayerAttention) -> torch.Tensor:
+    """Attention with Gemma 2's score cap, as HF's eager path computes it (scores in the input dtype, softmax in
+    float32)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.scale
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    if causal:
+        t, l = scores.shape[-2:]
+        mask = torch.ones(t, l, dtype=torch.bool, device=q.device).tril(l - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)

@@ -1,0 +1,158 @@
+"""The model runner: embed -> the architecture's layers -> final norm -> head, one batched forward over the pool.
+
+The architecture (:mod:`tokenmill.model.archs`) says what a layer is made of; the attention backend
+(:mod:`tokenmill.model.attention`) builds its per-step metadata from the block tables and runs attention for
+one layer; the runner writes each layer's new K/V into the pool and returns logits together with the final
+hidden states of the same rows. The engine and the drafters use only the public methods below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.hooktypes import KVCacheSpec, KVPool
+from tokenmill.model.archs import Layer, build_arch
+from tokenmill.model.attention import AttentionLayout, backend_class
+from tokenmill.model.batch import ForwardBatch, build_batch
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    logits: torch.Tensor   # [R, vocab] float32, one row per ``logits_idx`` entry of the batch
+    hidden: torch.Tensor   # [R, hidden] the final (normed) hidden states of the same rows
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]  # partial rotary (Phi-3 variants): the rest passes through
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class ModelRunner:
+    """Runs any registered architecture on flattened batches over a paged KV pool."""
+
+    def __init__(self, model, pool: KVPool, *, attention: str = "auto", compile_spec=None,
+                 max_model_len: int | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.arch = build_arch(model)
+        self.pool = pool
+        param = next(model.parameters())
+        self.device = param.device
+        self.windows = tuple(dict.fromkeys(layer.attn.window for layer in self.arch.layers))
+        self._window_of = [self.windows.index(layer.attn.window) for layer in self.arch.layers]
+        compiled = compile_spec is not None and compile_spec.enabled
+        max_len = max_model_len or getattr(self.config, "max_position_embeddings", 2048)
+        self.layout = AttentionLayout(self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim,
+                                      pool.block_size, pool.num_blocks, max_len, self.device, pool.k[0].dtype,
+                                      self.windows, compile_spec.kv_multiple if compiled else 0)
+        self.attention = backend_class(attention, self.device)(self.layout)
+        # Compiled path: all-decode steps, padded to batch-size buckets, so a handful of graphs serve every
+        # step (CUDA graphs under reduce-overhead). Prefill and mixed steps vary in shape and stay eager.
+        self._compiled = None
+        self.decode_buckets: list[int] | None = None
+        if compiled:
+            self._compiled = torch.compile(self._forward_impl, mode=compile_spec.mode,
+                                           fullgraph=compile_spec.fullgraph, dynamic=compile_spec.dynamic,
+                                           backend=compile_spec.backend)
+            self.decode_buckets = list(compile_spec.buckets)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.arch.layers
+
+    @staticmethod
+    def kv_spec(model, *, dtype, device, max_model_len: int, max_num_seqs: int) -> KVCacheSpec:
+        cfg = model.config
+        attn0 = model.model.layers[0].self_attn
+        head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVCacheSpec(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None)
+                           or cfg.num_attention_heads, head_dim, dtype, device, max_model_len, max_num_seqs)
+
+    # ------------------------------------------------------------------ public API
+    def batch(self, items: list[tuple[list[int], int, list[int], int]], *, trees: dict[int, list[int]] | None = None,
+              max_padded_tokens: int = 1) -> ForwardBatch:
+        """Lay out one step for this runner (see :func:`tokenmill.model.batch.build_batch` for ``items``)."""
+        return build_batch(items, self.pool.block_size, decode_buckets=self.decode_buckets,
+                           max_padded_tokens=max_padded_tokens, trees=trees)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> RunnerOutput:
+        """Write the new tokens' K/V into the pool; logits and final hidden states of ``batch.logits_idx``."""
+        metas = tuple(self.attention.prepare(batch, w) for w in self.windows)
+        impl = self._compiled if (self._compiled is not None and batch.decode_padded) else self._forward_impl
+        dev = self.device
+        logits, hidden = impl(batch.input_ids.to(dev), batch.positions.to(dev), batch.slot_mapping.to(dev),
+                              batch.logits_idx.to(dev), metas, self.pool.k, self.pool.v)
+        return RunnerOutput(logits, hidden)
+
+    def run(self, items, *, trees: dict[int, list[int]] | None = None, max_padded_tokens: int = 1) -> RunnerOutput:
+        """:meth:`batch` then :meth:`forward`."""
+        return self.forward(self.batch(items, trees=trees, max_padded_tokens=max_padded_tokens))
+
+    def warm_up(self, max_seqs: int, *, widths: tuple[int, ...] = (1,), position: int = 0) -> None:
+        """Run the step shapes a decode loop will meet (every batch bucket up to ``max_seqs``, each width) once
+        now, so compiling happens at build and not inside the first requests. Writes only slot ``position`` of
+        block 0, which its owner overwrites before it is ever read."""
+        sizes = [b for b in (self.decode_buckets or [1 << i for i in range(max_seqs.bit_length() + 1)])
+                 if b <= max(max_seqs, 1)]
+        blocks = list(range(-(-(position + max(widths)) // self.pool.block_size)))
+        for width in widths:
+            for b in sizes:
+                self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
+
+    @torch.inference_mode()
+    def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:
+        """Copy the K/V at positions ``src`` of a sequence to positions ``dst`` (in order, every layer): the
+        accepted path of a draft tree moves to consecutive positions."""
+        bs = self.pool.block_size
+
+        def slots(positions):
+            return torch.tensor([block_table[p // bs] * bs + p % bs for p in positions], device=self.device)
+
+        s, d = slots(src), slots(dst)
+        for cache in (*self.pool.k, *self.pool.v):
+            cache.index_copy_(0, d, cache.index_select(0, s))
+
+    # ------------------------------------------------------------------ the forward
+    def _forward_impl(self, input_ids, positions, slot_mapping, logits_idx, metas, k_pool, v_pool):
+        arch = self.arch
+        n = input_ids.shape[0]
+        hq, hk, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        h = arch.embed(input_ids)
+        rope = arch.rope(h, positions)
+        for i, layer in enumerate(arch.layers):
+            x = layer.attn_in(h) if layer.attn_in is not None else h
+            q, k, v = layer.qkv(x)
+            if layer.q_norm is not None and not layer.qk_norm_per_head:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k, v = q.view(n, hq, d), k.view(n, hk, d), v.reshape(n, hk, d)
+            if layer.q_norm is not None and layer.qk_norm_per_head:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            cos, sin = rope[layer.rope]
+            q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+            k_pool[i].index_copy_(0, slot_mapping, k)
+            v_pool[i].index_copy_(0, slot_mapping, v)
+            o = layer.o_proj(self.attention.forward(q, k_pool[i], v_pool[i], metas[self._window_of[i]], layer.attn))
+            if layer.attn_out is not None:
+                o = layer.attn_out(o)
+            h = h + (o if layer.residual_scale == 1.0 else o * layer.residual_scale)
+            x = layer.mlp_in(h) if layer.mlp_in is not None else h
+            m = layer.mlp(x)
+            if layer.mlp_out is not None:
+                m = layer.mlp_out(m)
+            h = h + (m if layer.residual_scale == 1.0 else m * layer.residual_scale)
+        h = arch.final_norm(h.index_select(0, logits_idx))
+        return arch.logits(h), h
