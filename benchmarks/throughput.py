@@ -1,6 +1,6 @@
 """Many requests at once: HF static batches vs HF continuous batching vs tokenmill dynamic vs continuous batching.
 
-    python benchmarks/throughput.py [--workload mixed|shared-prefix] [--rows hf_static,hf_batch,dynamic,continuous]
+    python benchmarks/throughput.py [--workload mixed|shared-prefix|long] [--rows hf_static,hf_batch,dynamic,continuous]
                                     [--requests 64] [--new-tokens 64] [--rate R] [--quick]
 
 Workloads (random token ids in [100, 40000), seeded; greedy; EOS ignored so every request makes exactly
@@ -9,6 +9,8 @@ Workloads (random token ids in [100, 40000), seeded; greedy; EOS ignored so ever
 * ``mixed`` (default): prompts of 16..256 tokens, 64 new tokens, all requests submitted at once.
 * ``shared-prefix``: one 256-token system prompt + a unique 8..24-token question, 32 new tokens; tokenmill
   continuous batching + paged KV with and without ``prefix_caching``.
+* ``long``: 16 requests of 1,500-token prompts, 128 new tokens, all at once (long-context decoding: the
+  attention over each sequence's K/V dominates the step).
 * ``--rate R``: the mixed workload arriving as a Poisson process at R requests/s, continuous pipeline only.
 
 Rows (each in its own process, so peak RSS is per row):
@@ -39,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 VOCAB_LO, VOCAB_HI = 100, 40000  # clear of the special tokens at the bottom of the vocab
 SYSTEM_LEN = 256
+LONG_PROMPT = 1500
 
 LABELS = {
     "hf_static": "HF generate() static x16",
@@ -57,6 +60,8 @@ def make_prompts(workload: str, n: int, seed: int) -> list[list[int]]:
     draw = lambda k: [rng.randrange(VOCAB_LO, VOCAB_HI) for _ in range(k)]  # noqa: E731
     if workload == "mixed":
         return [draw(rng.randint(16, 256)) for _ in range(n)]
+    if workload == "long":
+        return [draw(LONG_PROMPT) for _ in range(n)]
     system = draw(SYSTEM_LEN)
     return [system + draw(rng.randint(8, 24)) for _ in range(n)]
 
@@ -325,7 +330,7 @@ def fmt(x, spec=".2f", none="n/a") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", choices=("mixed", "shared-prefix"), default="mixed")
+    ap.add_argument("--workload", choices=("mixed", "shared-prefix", "long"), default="mixed")
     ap.add_argument("--rows", default=None, help="comma list of " + ", ".join(LABELS))
     ap.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
     ap.add_argument("--new-tokens", type=int, default=None,
@@ -353,14 +358,16 @@ def main() -> None:
         ap.error("--rate runs the mixed workload")
     if args.rate is not None and args.rate <= 0:
         ap.error("--rate must be > 0")
-    requests = args.requests or (16 if args.quick else 64)
-    new_tokens = args.new_tokens or (16 if args.quick else 64 if args.workload == "mixed" else 32)
+    requests = args.requests or (16 if args.quick or args.workload == "long" else 64)
+    new_tokens = args.new_tokens or (16 if args.quick else {"mixed": 64, "long": 128}.get(args.workload, 32))
     if args.rows:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     elif args.rate:
         rows = ["continuous"]
     elif args.workload == "mixed":
         rows = ["hf_static", "hf_batch", "dynamic", "continuous"]
+    elif args.workload == "long":
+        rows = ["hf_batch", "continuous"]
     else:
         rows = ["continuous", "continuous_noprefix"]
     unknown = [r for r in rows if r not in LABELS]

@@ -1,8 +1,12 @@
 """torch.compile path: compiled decode gives the same greedy tokens as eager."""
 from __future__ import annotations
 
+import torch
+
 from tests.conftest import tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
+from tokenmill.model.attention import AttentionLayout
+from tokenmill.model.attention.sdpa_gather import SdpaGather
 from tokenmill.model.batch import build_batch
 
 
@@ -23,10 +27,11 @@ def test_compiled_matches_eager(tiny_llama_dir):
 
 def test_decode_padding_duplicates_first_row():
     items = [([5], 7, [0], 1), ([6], 3, [1], 1), ([9], 12, [2], 1)]
-    batch = build_batch(items, 16, decode_buckets=[1, 4, 8], kv_multiple=8)
-    assert batch.decode_padded and batch.num_tokens == 4
+    batch = build_batch(items, 16, decode_buckets=[1, 4, 8])
+    assert batch.decode_padded and batch.num_tokens == 4 and batch.num_real == 3
     assert batch.input_ids.tolist() == [5, 6, 9, 5] and batch.slot_mapping.tolist() == [7, 19, 44, 7]
     assert batch.logits_idx.tolist() == [0, 1, 2]
-    group = batch.groups[0]
-    assert group.kv_idx.shape == (4, 16) and group.mask is not None
-    assert group.mask[1, 0, 0].tolist() == [True] * 4 + [False] * 12
+    layout = AttentionLayout(4, 2, 16, 16, 3, 256, torch.device("cpu"), torch.float32, (None,), kv_multiple=8)
+    (tok, kv_idx, mask, causal, out_idx, out_sel), = SdpaGather(layout).prepare(batch, None)
+    assert kv_idx.shape == (4, 16) and mask is not None and not causal
+    assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 12

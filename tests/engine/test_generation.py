@@ -122,14 +122,14 @@ def test_chat_template(tiny_pipeline):
 
 def test_runner_uses_cpu_gemm_dispatch_keeping_weight_layout(tiny_pipeline):
     """An fp32 CPU pipeline's runner routes its GEMMs through CpuLinear; weights keep their ordinary layout."""
-    runner = tiny_pipeline.runner
-    assert runner.cpu_linear is not None
-    x = torch.randn(3, runner.config.hidden_size)
-    w = runner.layers[0].self_attn.o_proj.weight
-    torch.testing.assert_close(runner._linear(x, w, None), torch.nn.functional.linear(x, w),
-                               rtol=1e-5, atol=1e-5)
-    layer = runner.layers[0]
-    for mod in (layer.self_attn.q_proj, layer.mlp.down_proj, runner.lm_head):
+    arch = tiny_pipeline.runner.arch
+    assert arch.linear.cpu is not None
+    x = torch.randn(3, arch.config.hidden_size)
+    hf = tiny_pipeline.loaded.model.model.layers[0]
+    w = hf.self_attn.o_proj.weight
+    torch.testing.assert_close(arch.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(arch.layers[0].o_proj(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    for mod in (hf.self_attn.q_proj, hf.mlp.down_proj, tiny_pipeline.loaded.model.lm_head):
         assert mod.weight.is_contiguous()
 
 

@@ -61,11 +61,6 @@ class AttentionBackend:
         (this step's K/V already written) -> ``[N, heads * head_dim]``."""
         raise NotImplementedError
 
-    def warm_up(self, batches: list[ForwardBatch], layers: list[LayerAttention], k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> None:
-        """Compile or otherwise prepare for these step shapes now (at build), not inside a request (the caches
-        are a layer's, read and never written)."""
-
 
 def discover_backends() -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
@@ -84,7 +79,7 @@ def backend_class(name: str, device: torch.device) -> type[AttentionBackend]:
                 return found[candidate].load()
         name = "sdpa_gather"
     if name not in found:
-        raise PipelineError(f"unknown attention backend '{name}'; installed: auto, " + ", ".join(sorted(found)))
+        raise PipelineError(f"unknown attention backend '{name}'; allowed: auto, " + ", ".join(sorted(found)))
     cls = found[name].load()
     why = cls.available(device)
     if why is not None:

@@ -12,7 +12,7 @@ draft tree's ancestors). Sliding windows cut blocks out of the lists; soft-cappi
 Shapes are static per compiled variant: sequences are grouped by query length like ``sdpa_gather`` (decodes
 together, chunks by power of two), a group's batch is padded to a power of four (padding rows list no blocks
 and cost next to nothing), the block lists are as wide as the longest sequence can be.
-:meth:`FlexPaged.warm_up` compiles the decode variants at build. Groups of more than ``FLEX_MAX_QUERY`` query
+The pipeline compiles the decode variants at build (:meth:`tokenmill.model.ModelRunner.warm_up`). Groups of more than ``FLEX_MAX_QUERY`` query
 rows per sequence (prefill chunks) go through ``sdpa_gather``'s path: there the copy is paid once for many
 queries and is small next to the attention itself, while every new chunk length would be another compiled
 variant.
@@ -209,18 +209,3 @@ class FlexPaged(AttentionBackend):
                 out = q.new_zeros(n, hq * d)
             out.index_copy_(0, out_idx, o.index_select(0, out_sel))
         return out
-
-    def warm_up(self, batches: list[ForwardBatch], layers: list[LayerAttention], k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> None:
-        seen = set()
-        for batch in batches:
-            for window in {lay.window for lay in layers}:
-                meta = self.prepare(batch, window)
-                q = torch.zeros(batch.num_tokens, self.layout.num_heads, self.layout.head_dim, dtype=self.layout.dtype,
-                                device=self.layout.device)
-                for lay in layers:
-                    key = (lay.window, lay.softcap, lay.scale, tuple((m[1][0].shape, m[1][3]) for m in meta
-                                                                     if m[0] == "flex"))
-                    if lay.window == window and key not in seen:
-                        seen.add(key)
-                        self.forward(q, k_cache, v_cache, meta, lay)

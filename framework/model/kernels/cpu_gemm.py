@@ -15,7 +15,7 @@ rows          ``F.linear`` (MKL)  ``W @ x^T`` (MKL, row-major)  oneDNN ``_linear
 
 So up to :data:`SKINNY_MAX_ROWS` rows we compute ``W @ x^T`` (a tall-skinny GEMM that streams the weight
 once; 1 and 3 rows are padded by one, which MKL runs faster: 3 rows cost 18.0 ms, 4 rows 14.5), above that
-oneDNN's fp32 matmul (AVX-512 on any vendor's CPU) when this build has it, else ``F.linear``. All three agree with ``F.linear`` to float32 rounding (tests/engine/test_cpu_gemm.py).
+oneDNN's fp32 matmul (AVX-512 on any vendor's CPU) when this build has it, else ``F.linear``. All three agree with ``F.linear`` to float32 rounding (tests/model/test_cpu_gemm.py).
 """
 from __future__ import annotations
 

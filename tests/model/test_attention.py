@@ -1,0 +1,92 @@
+"""Attention backends: flex_paged (blocks read in place) equals sdpa_gather on every kind of query group, and
+a third-party backend plugs in through the entry-point group."""
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import tiny_pipeline_dict
+from tests.engine.test_hf_equality import PROMPTS, hf_greedy
+from tokenmill import Pipeline, SamplingParams
+from tokenmill.errors import PipelineError
+from tokenmill.model.archs import LayerAttention
+from tokenmill.model.attention import AttentionLayout, base
+from tokenmill.model.attention.flex_paged import FlexPaged
+from tokenmill.model.attention.sdpa_gather import SdpaGather
+from tokenmill.model.batch import build_batch
+
+HQ, HK, D, BS, NB = 4, 2, 16, 4, 40
+
+
+def _mixed_batch():
+    """Decodes at different lengths, a 7-token prefill chunk after cached context, a 5-token verification and
+    a 4-draft tree, over shuffled (non-contiguous) blocks."""
+    perm = torch.randperm(NB, generator=torch.Generator().manual_seed(0)).tolist()
+    tables, at = [], 0
+    for n in (6, 3, 5, 4, 4):
+        tables.append(perm[at:at + n])
+        at += n
+    items = [([1], 21, tables[0], 1), ([2], 9, tables[1], 1), ([3] * 7, 12, tables[2], 1),
+             ([4] * 5, 10, tables[3], 5), ([5] * 5, 11, tables[4], 5)]
+    return build_batch(items, BS, trees={4: [-1, 0, -1, 2]})
+
+
+@pytest.mark.parametrize("layer", [LayerAttention(0.25), LayerAttention(0.25, window=6, softcap=5.0)],
+                         ids=["global", "window-softcap"])
+def test_flex_paged_equals_gather(layer, monkeypatch):
+    monkeypatch.setattr(FlexPaged, "max_query", 8)  # every group through FlexAttention, not only decodes
+    layout = AttentionLayout(HQ, HK, D, BS, NB, 64, torch.device("cpu"), torch.float32, (layer.window,))
+    batch = _mixed_batch()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch.num_tokens, HQ, D, generator=g)
+    k, v = torch.randn(NB * BS, HK, D, generator=g), torch.randn(NB * BS, HK, D, generator=g)
+    flex, gather = FlexPaged(layout), SdpaGather(layout)
+    meta = flex.prepare(batch, layer.window)
+    assert [kind for kind, _ in meta] == ["flex", "flex"]  # decodes, then the 5..8-token group
+    out = flex.forward(q, k, v, meta, layer)
+    ref = gather.forward(q, k, v, gather.prepare(batch, layer.window), layer)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_paged_pipeline_matches_hf(tiny_llama_dir):
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="flex_paged",
+                                                 plugins=["continuous_batching", {"paged_kv": {"block_size": 4}}]),
+                              progress=False)
+    assert pipe.info()["attention"] == "flex_paged"
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    results = pipe.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    for prompt, res in zip(PROMPTS, results):
+        assert res.token_ids == hf_greedy(hf, pipe.encode(prompt), 12), prompt
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+
+
+def test_unknown_backend_is_refused_with_the_list(tiny_llama_dir):
+    with pytest.raises(PipelineError, match="unknown attention backend 'flash'; allowed: auto, flex_paged, sdpa_gather"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="flash"), progress=False)
+
+
+class CountingGather(SdpaGather):
+    """A third-party backend: today's gather path, counting its calls."""
+
+    name = "counting"
+    calls = 0
+
+    def forward(self, q, k_cache, v_cache, meta, layer, out=None):
+        CountingGather.calls += 1
+        return super().forward(q, k_cache, v_cache, meta, layer, out=out)
+
+
+def test_third_party_backend_through_entry_point(tiny_llama_dir, monkeypatch):
+    ep = md.EntryPoint("counting", f"{__name__}:CountingGather", base.ENTRY_POINT_GROUP)
+    found = dict(base.discover_backends(), counting=ep)
+    monkeypatch.setattr(base, "discover_backends", lambda: found)
+    monkeypatch.setattr("tokenmill.model.attention.discover_backends", lambda: found)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="counting"), progress=False)
+    assert pipe.info()["attention"] == "counting"
+    before = CountingGather.calls  # the build's warm-up steps ran through it too
+    out = pipe.generate(["Hello there"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    assert CountingGather.calls - before == 4 * pipe.loaded.config.num_hidden_layers
