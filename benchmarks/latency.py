@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default=None, help="override the pipeline's device (e.g. cuda)")
+    ap.add_argument("--attention", default=None, help="override the pipeline's attention backend")
     ap.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--name", default="latency", help="output file stem under results/")
     args = ap.parse_args()
@@ -41,6 +42,8 @@ def main() -> None:
         spec = load_spec(args.pipeline)
         if args.device:
             spec.device = args.device
+        if args.attention:
+            spec.attention = args.attention
         if compiled:
             spec.compile.enabled = True
             spec.compile.mode = args.compile_mode

@@ -1,4 +1,5 @@
-"""CUDA check for a lent GPU: greedy equality with HF on the GPU, then batch-1 decode eager vs compiled.
+"""CUDA check for a lent GPU: greedy equality with HF on the GPU through the paged attention backend
+(``flex_paged``: FlexAttention over the paged pool, Triton on CUDA), then batch-1 decode eager vs compiled.
 
     python scripts/gpu_check.py            # prints a markdown table; results/ gets JSON + PNG
 
@@ -28,9 +29,11 @@ def main() -> int:
 
     from tokenmill import Pipeline, SamplingParams, load_spec
 
-    spec = load_spec(ROOT / "pipelines" / "default.yaml")
+    spec = load_spec(ROOT / "pipelines" / "continuous.yaml")  # paged KV: the pool flex_paged reads in place
     spec.device = "cuda"
+    spec.attention = "flex_paged"
     pipe = Pipeline(spec, progress=False)
+    print(f"attention backend: {pipe.info()['attention']}")
     hf = AutoModelForCausalLM.from_pretrained(pipe.loaded.path, dtype=torch.float32, device_map={"": "cuda"}).eval()
     prompts = ["The capital of France is", "Here is a short story about a robot:", "def quicksort(xs):"]
     results = pipe.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
@@ -41,6 +44,7 @@ def main() -> int:
         ok &= same
         print(f"greedy equality on cuda: {same}  ({p!r})")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--device", "cuda",
+           "--pipeline", "pipelines/continuous.yaml", "--attention", "flex_paged",
            "--compile-mode", "reduce-overhead", "--name", "gpu_latency"]
     rc = subprocess.call(cmd, cwd=ROOT)
     return 0 if ok and rc == 0 else 1

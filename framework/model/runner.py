@@ -54,7 +54,7 @@ class ModelRunner:
         self.layout = AttentionLayout(self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim,
                                       pool.block_size, pool.num_blocks, max_len, self.device, pool.k[0].dtype,
                                       self.windows, compile_spec.kv_multiple if compiled else 0)
-        self.attention = backend_class(attention, self.device)(self.layout)
+        self.attention = backend_class(attention, self.layout)(self.layout)
         # Compiled path: all-decode steps, padded to batch-size buckets, so a handful of graphs serve every
         # step (CUDA graphs under reduce-overhead). Prefill and mixed steps vary in shape and stay eager.
         self._compiled = None

@@ -68,13 +68,19 @@ def discover_backends() -> dict[str, md.EntryPoint]:
 
 # measured-fastest backend per device type (docs/benchmarks.md, "Attention backends"); the first available wins
 AUTO_ORDER = {"cpu": ("flex_paged", "sdpa_gather"), "cuda": ("flex_paged", "sdpa_gather")}
+# pools of larger blocks (contiguous_kv: one max-length row per sequence) take the gather, which reads only the
+# used prefix of a row, while a block list would cover whole rows
+PAGED_MAX_BLOCK = 64
 
 
-def backend_class(name: str, device: torch.device) -> type[AttentionBackend]:
-    """The backend class for ``attention: name`` (``auto``: the measured-fastest available one)."""
+def backend_class(name: str, layout: AttentionLayout) -> type[AttentionBackend]:
+    """The backend class for ``attention: name`` (``auto``: the measured-fastest available one for the device
+    and the pool's block size)."""
     found = discover_backends()
+    device = layout.device
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("sdpa_gather",)):
+        order = AUTO_ORDER.get(device.type, ()) if layout.block_size <= PAGED_MAX_BLOCK else ()
+        for candidate in order:
             if candidate in found and found[candidate].load().available(device) is None:
                 return found[candidate].load()
         name = "sdpa_gather"

@@ -7,7 +7,10 @@ this step's tokens, inside the window) skip the mask function, *partial* ones (t
 window's edge) apply it. Nothing is copied: the kernel (inductor's C++ template on CPU, Triton on CUDA) loads
 the listed blocks where they are. The mask function maps a physical slot back to its position through a
 per-row physical-to-logical block table, and among this step's tokens reads a ``[T, T]`` mask (causal, or a
-draft tree's ancestors). Sliding windows cut blocks out of the lists; soft-capping is a score modifier.
+draft tree's ancestors). Sliding windows cut blocks out of the lists; soft-capping is a score modifier. The
+query heads that share a KV head (GQA) are laid out as query rows of that KV head, so each loaded block serves
+all of them in one small GEMM (measured on the dev box, 64 decodes at 200 tokens of context, block 8: 7.4 vs
+11.2 ms per layer with FlexAttention's own GQA).
 
 Shapes are static per compiled variant: sequences are grouped by query length like ``sdpa_gather`` (decodes
 together, chunks by power of two), a group's batch is padded to a power of four (padding rows list no blocks
@@ -48,10 +51,13 @@ def _pow4(n: int) -> int:
 
 
 def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start, qmask, qpos, *, block_size: int,
-            q_block: int, window: int | None, softcap: float | None, scale: float):
+            q_block: int, group: int, window: int | None, softcap: float | None, scale: float):
+    """``q`` ``[b, kv_heads, t * group, head_dim]``: the ``group`` query heads of each KV head are query rows
+    (row ``r`` is query ``r // group``), so each loaded K/V block serves all of them in one small GEMM."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    b, _, t, _ = q.shape
+    b, _, rows, _ = q.shape
+    t = rows // group
     slots, kv_heads, head_dim = k_cache.shape
     bs = block_size
 
@@ -59,10 +65,11 @@ def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start,
         lb = p2l[bi, kv // bs]
         logical = lb * bs + kv % bs
         rel = logical - start[bi]
-        new = (rel >= 0) & (rel < t) & qmask[bi, qi, rel.clamp(0, t - 1)]
+        ti = qi // group
+        new = (rel >= 0) & (rel < t) & qmask[bi, ti, rel.clamp(0, t - 1)]
         ok = (lb >= 0) & ((rel < 0) | new)
         if window is not None:
-            ok = ok & (logical > qpos[bi, qi] - window)
+            ok = ok & (logical > qpos[bi, ti] - window)
         return ok
 
     score_mod = None
@@ -70,12 +77,11 @@ def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start,
         def score_mod(score, bi, h, qi, kv):
             return torch.tanh(score / softcap) * softcap
 
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, bs), mask_mod=mask_mod,
-                                    seq_lengths=(t, slots))
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block * group, bs),
+                                    mask_mod=mask_mod, seq_lengths=(rows, slots))
     k = k_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
     v = v_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
-                          enable_gqa=bool(q.shape[1] != kv_heads))
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
 
 
 class FlexPaged(AttentionBackend):
@@ -115,6 +121,7 @@ class FlexPaged(AttentionBackend):
         fn = self._fns.get(key)
         if fn is None:
             fn = torch.compile(partial(_attend, block_size=self.layout.block_size, q_block=q_block,
+                                       group=self.layout.num_heads // self.layout.num_kv_heads,
                                        window=layer.window, softcap=layer.softcap, scale=layer.scale),
                                dynamic=False, fullgraph=True)
             self._fns[key] = fn
@@ -200,9 +207,10 @@ class FlexPaged(AttentionBackend):
                 continue
             tok, out_idx, out_sel, qb, *blocks = group
             b, t = tok.shape
-            qg = q.index_select(0, tok.reshape(-1)).view(b, t, hq, d).transpose(1, 2).contiguous()
-            o = self._fn(layer, qb)(qg, k_cache, v_cache, *blocks)
-            o = o.transpose(1, 2).reshape(b * t, hq * d)
+            hk = self.layout.num_kv_heads
+            qg = q.index_select(0, tok.reshape(-1)).view(b, t, hk, hq // hk, d).permute(0, 2, 1, 3, 4)
+            o = self._fn(layer, qb)(qg.reshape(b, hk, t * (hq // hk), d), k_cache, v_cache, *blocks)
+            o = o.view(b, hk, t, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b * t, hq * d)
             if out_idx is None:
                 return o
             if out is None:
