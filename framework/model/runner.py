@@ -102,16 +102,20 @@ class ModelRunner:
         """:meth:`batch` then :meth:`forward`."""
         return self.forward(self.batch(items, trees=trees, max_padded_tokens=max_padded_tokens))
 
-    def warm_up(self, max_seqs: int, *, widths: tuple[int, ...] = (1,), position: int = 0) -> None:
-        """Run the step shapes a decode loop will meet (every batch bucket up to ``max_seqs``, each width) once
-        now, so compiling happens at build and not inside the first requests. Writes only slot ``position`` of
-        block 0, which its owner overwrites before it is ever read."""
+    def warm_up(self, max_seqs: int, *, widths: tuple[int, ...] = (1,)) -> None:
+        """Run the step shapes a decode loop will meet (every batch bucket up to ``max_seqs``, each width, at the
+        context lengths the attention backend asks for) once now, so compiling happens at build and not inside
+        the first requests. Writes only slots that no sequence holds yet (the pool is fresh), each of which its
+        owner overwrites before it is ever read."""
         sizes = [b for b in (self.decode_buckets or [1 << i for i in range(max_seqs.bit_length() + 1)])
                  if b <= max(max_seqs, 1)]
-        blocks = list(range(-(-(position + max(widths)) // self.pool.block_size)))
-        for width in widths:
-            for b in sizes:
-                self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
+        for b in sizes:
+            for position in self.attention.warm_up_positions(b):
+                blocks = list(range(-(-(position + max(widths)) // self.pool.block_size)))
+                if len(blocks) > self.pool.num_blocks:
+                    continue
+                for width in widths:
+                    self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
 
     @torch.inference_mode()
     def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:

@@ -37,7 +37,8 @@ def _mixed_batch():
 @pytest.mark.parametrize("layer", [LayerAttention(0.25), LayerAttention(0.25, window=6, softcap=5.0)],
                          ids=["global", "window-softcap"])
 def test_flex_paged_equals_gather(layer, monkeypatch):
-    monkeypatch.setattr(FlexPaged, "max_query", 8)  # every group through FlexAttention, not only decodes
+    monkeypatch.setattr(FlexPaged, "max_query", 8)  # every group through FlexAttention, not only decodes,
+    monkeypatch.setattr(FlexPaged, "min_keys", 0)  # however few keys it reads
     layout = AttentionLayout(HQ, HK, D, BS, NB, 64, torch.device("cpu"), torch.float32, (layer.window,))
     batch = _mixed_batch()
     g = torch.Generator().manual_seed(1)
@@ -51,7 +52,11 @@ def test_flex_paged_equals_gather(layer, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_paged_pipeline_matches_hf(tiny_llama_dir):
+def test_flex_paged_pipeline_matches_hf(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(FlexPaged, "min_keys", 0)  # tiny contexts: decodes through FlexAttention all the same
+    calls = []
+    real = FlexPaged._fn
+    monkeypatch.setattr(FlexPaged, "_fn", lambda self, *a: calls.append(1) or real(self, *a))
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="flex_paged",
                                                  plugins=["continuous_batching", {"paged_kv": {"block_size": 4}}]),
                               progress=False)
@@ -61,6 +66,14 @@ def test_flex_paged_pipeline_matches_hf(tiny_llama_dir):
     for prompt, res in zip(PROMPTS, results):
         assert res.token_ids == hf_greedy(hf, pipe.encode(prompt), 12), prompt
     assert pipe.stats()["kv"]["used_blocks"] == 0
+    assert calls
+
+
+def test_flex_paged_small_groups_take_the_gather_path():
+    layout = AttentionLayout(HQ, HK, D, BS, NB, 64, torch.device("cpu"), torch.float32, (None,))
+    flex = FlexPaged(layout)
+    assert [kind for kind, _ in flex.prepare(_mixed_batch(), None)] == ["gather", "gather"]
+    assert flex.warm_up_positions(1) == (0,)  # 4096 keys: past this pool's 64-token sequences
 
 
 def test_unknown_backend_is_refused_with_the_list(tiny_llama_dir):

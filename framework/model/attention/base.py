@@ -62,6 +62,13 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+
+    def warm_up_positions(self, batch_size: int) -> tuple[int, ...]:
+        """Context lengths at which the build's warm-up runs decode steps of ``batch_size`` sequences, so that
+        every path the backend compiles for is compiled then (default: one step at position 0)."""
+        return (0,)
+
+
 def discover_backends() -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
 

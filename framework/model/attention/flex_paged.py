@@ -16,7 +16,8 @@ Shapes are static per compiled variant: sequences are grouped by query length li
 together, chunks by power of two), a group's batch is padded to a power of four (padding rows list no blocks
 and cost next to nothing), the block lists are as wide as the longest sequence can be.
 The pipeline compiles the decode variants at build (:meth:`tokenmill.model.ModelRunner.warm_up`). Groups of more than ``FLEX_MAX_QUERY`` query
-rows per sequence (prefill chunks) go through ``sdpa_gather``'s path: there the copy is paid once for many
+rows per sequence (prefill chunks), and groups reading fewer than ``FLEX_MIN_KEYS`` keys in all (where one
+call's fixed cost outweighs the copy), go through ``sdpa_gather``'s path: there the copy is paid once for many
 queries and is small next to the attention itself, while every new chunk length would be another compiled
 variant.
 """
@@ -36,6 +37,10 @@ from tokenmill.model.resolve import cache_dir
 
 Q_BLOCK = 128  # query rows per block-mask row for chunks longer than this
 FLEX_MAX_QUERY = 1  # longer query groups take the gather path (see FlexPaged.max_query)
+# groups reading fewer keys than this (all sequences together) take the gather path, which costs less per call:
+# measured on the dev box per layer, block 8: 1 x 100 keys 0.47 (flex) vs 0.31 ms (gather), 4 x 1000 1.65 vs 1.55,
+# 16 x 300 3.71 vs 4.26, 64 x 200 5.2 vs 7.3, 64 x 1024 21 vs 93
+FLEX_MIN_KEYS = 4096
 RECOMPILE_LIMIT = 256  # compiled variants (batch bucket x query bucket x window x scale) per process
 
 
@@ -84,12 +89,21 @@ def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start,
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
 
 
+@torch.compiler.disable
+def _call(fn, *args):
+    """Run a compiled FlexAttention variant as its own graph. Inside the compiled model forward this is a graph
+    break: inductor's CPU template needs the query as a buffer of its own (not a view of the graph's own
+    computation), and the pool the layer has just written must not be a subgraph argument of that graph."""
+    return fn(*args)
+
+
 class FlexPaged(AttentionBackend):
     name = "flex_paged"
     # query rows per sequence up to which a group runs here: decodes by default. Longer groups (verification,
     # trees, prefill chunks) are exact here too (tests/model/test_attention.py raises this), but each new
     # query length is another compiled variant (10-20 s on the dev box) for a copy that they amortize anyway
     max_query: int = FLEX_MAX_QUERY
+    min_keys: int = FLEX_MIN_KEYS
 
     def __init__(self, layout: AttentionLayout) -> None:
         super().__init__(layout)
@@ -129,10 +143,17 @@ class FlexPaged(AttentionBackend):
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, batch: ForwardBatch, window: int | None) -> tuple:
-        return tuple(("flex", self._group(batch, members, window))
-                     if max(batch.counts[i] for i in members) <= self.max_query
+        return tuple(("flex", self._group(batch, members, window)) if self._fits(batch, members)
                      else ("gather", (self.gather._group(batch, members, window),))
                      for members in query_groups(batch))
+
+    def _fits(self, batch: ForwardBatch, members: list[int]) -> bool:
+        return (max(batch.counts[i] for i in members) <= self.max_query
+                and sum(batch.starts[i] + batch.counts[i] for i in members) >= self.min_keys)
+
+    def warm_up_positions(self, batch_size: int) -> tuple[int, ...]:
+        at = -(-self.min_keys // batch_size)  # the shortest context at which this many decodes take FlexAttention
+        return (0, at) if at + 1 < self.layout.max_model_len else (0,)
 
     def _group(self, batch: ForwardBatch, members: list[int], window: int | None) -> tuple:
         lay, bs = self.layout, batch.block_size
@@ -209,7 +230,8 @@ class FlexPaged(AttentionBackend):
             b, t = tok.shape
             hk = self.layout.num_kv_heads
             qg = q.index_select(0, tok.reshape(-1)).view(b, t, hk, hq // hk, d).permute(0, 2, 1, 3, 4)
-            o = self._fn(layer, qb)(qg.reshape(b, hk, t * (hq // hk), d), k_cache, v_cache, *blocks)
+            qg = qg.reshape(b, hk, t * (hq // hk), d).contiguous()
+            o = _call(self._fn(layer, qb), qg, k_cache, v_cache, *blocks)
             o = o.view(b, hk, t, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b * t, hq * d)
             if out_idx is None:
                 return o
