@@ -31,7 +31,7 @@ import torch
 
 from tokenmill.model.archs.base import LayerAttention
 from tokenmill.model.attention.base import AttentionBackend, AttentionLayout
-from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, query_groups
+from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, place_rows, query_groups
 from tokenmill.model.batch import ForwardBatch
 from tokenmill.model.resolve import cache_dir
 
@@ -87,6 +87,48 @@ def _attend(q, k_cache, v_cache, kv_num, kv_idx, full_num, full_idx, p2l, start,
     k = k_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
     v = v_cache.view(1, slots, kv_heads, head_dim).transpose(1, 2).expand(b, -1, -1, -1)
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
+
+
+def _block_selection(start, count, qpos, qb: int, width: int, bs: int, window: int | None):
+    """``[b, q blocks, logical blocks]`` bools: the full blocks (every key visible to every query row of the
+    block) and the partial ones (the mask function decides) each query block of each row needs."""
+    t = qpos.shape[1]
+    r0 = torch.arange(t // qb) * qb                                      # first row of each query block
+    r1 = torch.minimum(r0[None] + qb, count[:, None]) - 1                # [b, nq] its last row
+    live = r0[None] < count[:, None]
+    row = torch.arange(t)
+    in_blk = (row[None, None] >= r0[None, :, None]) & (row[None, None] <= r1[:, :, None])   # [b, nq, t]
+    big = torch.iinfo(torch.long).max
+    pmin = torch.where(in_blk, qpos[:, None], big).amin(-1)             # smallest / largest position
+    pmax = torch.where(in_blk, qpos[:, None], -big).amax(-1)
+    last = (start[:, None] + r1) // bs                                   # [b, nq] block of the last slot
+    k = torch.arange(width)[None, None]
+    needed = live[..., None] & (k <= last[..., None])
+    full = needed & ((k + 1) * bs <= start[:, None, None])
+    if window is not None:
+        needed &= (k + 1) * bs - 1 > pmin[..., None] - window
+        full &= k * bs > pmax[..., None] - window
+    return full, needed & ~full
+
+
+def _physical_to_logical(bt: torch.Tensor, lengths: torch.Tensor, bs: int, num_blocks: int) -> torch.Tensor:
+    """``[b, num_blocks]`` int32: the logical index of each physical block in each row's table, -1 elsewhere."""
+    width = bt.shape[1]
+    held = torch.arange(width)[None] < ((lengths + bs - 1) // bs)[:, None]
+    lb = torch.where(held, torch.arange(width)[None], -1)
+    p2l = torch.full((bt.shape[0], num_blocks + 1), -1, dtype=torch.int32)
+    p2l.scatter_(1, torch.where(held, bt, num_blocks), lb.to(torch.int32))
+    return p2l[:, :num_blocks]
+
+
+def _block_lists(sel: torch.Tensor, bt: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected logical blocks as a block mask's ``(num_blocks [b, 1, nq], indices [b, 1, nq, pool])``
+    of physical blocks, in logical order."""
+    b, nq, width = sel.shape
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+    phys = torch.zeros(b, nq, num_blocks, dtype=torch.int32)
+    phys[..., :width] = bt[:, None, :].expand(b, nq, width).gather(-1, order)
+    return sel.sum(-1, dtype=torch.int32)[:, None], phys[:, None]
 
 
 @torch.compiler.disable
@@ -160,7 +202,6 @@ class FlexPaged(AttentionBackend):
         n_real = len(members)
         b, t = _pow4(n_real), _pow2(max(batch.counts[i] for i in members))
         qb = min(t, Q_BLOCK)
-        nq = t // qb
         tok, out_idx, out_sel = group_rows(batch, members, t)
         if b > n_real:  # padding rows repeat the first sequence's tokens and see no blocks (zero output)
             tok = torch.cat([tok, tok[:1].expand(b - n_real, -1)])
@@ -175,28 +216,8 @@ class FlexPaged(AttentionBackend):
         width = max(self.width, batch.block_tables.shape[1])
         bt = torch.zeros(b, width, dtype=torch.long)
         bt[:n_real, :batch.block_tables.shape[1]] = batch.block_tables[members]
-        # per query block j of each row: the rows it holds, its last slot, its smallest and largest position
-        r0 = torch.arange(nq) * qb                                           # [nq]
-        r1 = torch.minimum(r0[None] + qb, count[:, None]) - 1                # [b, nq]
-        live = r0[None] < count[:, None]
-        row = torch.arange(t)
-        in_blk = (row[None, None] >= r0[None, :, None]) & (row[None, None] <= r1[:, :, None])   # [b, nq, t]
-        big = torch.iinfo(torch.long).max
-        pmin = torch.where(in_blk, qpos[:, None], big).amin(-1)
-        pmax = torch.where(in_blk, qpos[:, None], -big).amax(-1)
-        last = (start[:, None] + r1) // bs                                   # [b, nq]
-        k = torch.arange(width)[None, None]                                  # logical blocks
-        needed = live[..., None] & (k <= last[..., None])
-        full = needed & ((k + 1) * bs <= start[:, None, None])
-        if window is not None:
-            needed &= (k + 1) * bs - 1 > pmin[..., None] - window
-            full &= k * bs > pmax[..., None] - window
-        part = needed & ~full
-        nblocks = (start + count + bs - 1) // bs
-        lb = torch.where(torch.arange(width)[None] < nblocks[:, None], torch.arange(width)[None], -1)
-        p2l = torch.full((b, lay.num_blocks + 1), -1, dtype=torch.int32)
-        p2l.scatter_(1, torch.where(lb >= 0, bt, lay.num_blocks), lb.to(torch.int32))
-        p2l = p2l[:, :lay.num_blocks]
+        full, part = _block_selection(start, count, qpos, qb, width, bs, window)
+        p2l = _physical_to_logical(bt, start + count, bs, lay.num_blocks)
         qmask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t).clone()
         for j, i in enumerate(members):
             allowed = batch.trees.get(i)
@@ -204,15 +225,8 @@ class FlexPaged(AttentionBackend):
                 n = allowed.shape[0]
                 r = batch.counts[i] - n
                 qmask[j, r:r + n, r:r + n] &= allowed
-
-        def lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
-            phys = torch.zeros(b, nq, lay.num_blocks, dtype=torch.int32)
-            phys[..., :width] = bt[:, None, :].expand(b, nq, width).gather(-1, order)
-            return sel.sum(-1, dtype=torch.int32)[:, None], phys[:, None]
-
-        kv_num, kv_idx = lists(part)
-        full_num, full_idx = lists(full)
+        kv_num, kv_idx = _block_lists(part, bt, lay.num_blocks)
+        full_num, full_idx = _block_lists(full, bt, lay.num_blocks)
         dev = lay.device
         mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
         return (mv(tok), mv(out_idx), mv(out_sel), qb, mv(kv_num), mv(kv_idx), mv(full_num), mv(full_idx), mv(p2l),
@@ -235,7 +249,5 @@ class FlexPaged(AttentionBackend):
             o = o.view(b, hk, t, hq // hk, d).permute(0, 2, 1, 3, 4).reshape(b * t, hq * d)
             if out_idx is None:
                 return o
-            if out is None:
-                out = q.new_zeros(n, hq * d)
-            out.index_copy_(0, out_idx, o.index_select(0, out_sel))
+            out = place_rows(out, o, out_idx, out_sel, n)
         return out

@@ -36,6 +36,16 @@ def group_rows(batch: ForwardBatch, members: list[int], t_max: int) -> tuple[tor
     return tok, tok.reshape(-1)[out_sel], out_sel
 
 
+def place_rows(out: torch.Tensor | None, o: torch.Tensor, out_idx: torch.Tensor, out_sel: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """Copy a group's valid output rows (``out_sel`` of ``o``) to their flat tokens ``out_idx`` of the step's
+    ``[n, heads * head_dim]`` result, allocated on first use."""
+    if out is None:
+        out = o.new_zeros(n, o.shape[1])
+    out.index_copy_(0, out_idx, o.index_select(0, out_sel))
+    return out
+
+
 class SdpaGather(AttentionBackend):
     name = "sdpa_gather"
 
@@ -100,9 +110,7 @@ class SdpaGather(AttentionBackend):
             o = o.transpose(1, 2).reshape(b * t, hq * d)
             if out_idx is None:
                 return o
-            if out is None:
-                out = q.new_zeros(n, hq * d)
-            out.index_copy_(0, out_idx, o.index_select(0, out_sel))
+            out = place_rows(out, o, out_idx, out_sel, n)
         return out
 
 
