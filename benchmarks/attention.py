@@ -8,8 +8,9 @@ The step: ``--seqs`` sequences, each with ``--context`` tokens of K/V already in
 shuffled, non-contiguous blocks: a decode step's cost does not depend on them), each decoding one token, through
 ``ModelRunner.run`` (the whole model: embedding, 30 layers, head). Each backend gets one untimed step first
 (compilation), then ``--steps`` timed ones; the median is reported. The greedy check runs
-``pipelines/default.yaml`` with ``attention:`` set to each backend on three prompts x 32 tokens and compares
-tokens. Writes results/attention.json and .png.
+``pipelines/continuous.yaml`` (paged KV) with ``attention:`` set to each backend on three prompts x 32 tokens
+and compares tokens; ``flex_paged`` runs there with ``min_keys = 0``, so that every decode of these short
+prompts goes through FlexAttention (the count of its calls is reported). Writes results/attention.json and .png.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--backends", default="sdpa_gather,flex_paged")
     ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--greedy-only", action="store_true")
     ap.add_argument("--name", default="attention")
     args = ap.parse_args()
     from tokenmill import Pipeline, SamplingParams
@@ -73,20 +75,27 @@ def main() -> None:
 
     backends = args.backends.split(",")
     model = load_model("smollm2-135m-instruct", progress=False).model
-    rows = [decode_step_ms(model, b, args.seqs, args.context, args.block_size, args.steps) for b in backends]
-    ref = rows[0]["logits"]
+    rows = [] if args.greedy_only else [decode_step_ms(model, b, args.seqs, args.context, args.block_size, args.steps)
+                                        for b in backends]
+    ref = rows[0]["logits"] if rows else None
     for r in rows:
         r["vs_first"] = rows[0]["step_ms"] / r["step_ms"]
         r["max_logit_diff_vs_first"] = float((r["logits"] - ref).abs().max())
     for r in rows:
         del r["logits"]
-    greedy = {}
+    greedy, flex_calls = {}, []
     if not args.no_greedy:
+        from tokenmill.model.attention.flex_paged import FlexPaged
+
+        FlexPaged.min_keys = 0
+        real = FlexPaged._fn
+        FlexPaged._fn = lambda self, *a: flex_calls.append(1) or real(self, *a)
         for b in backends:
-            data = yaml.safe_load((HERE.parent / "pipelines/default.yaml").read_text())
+            data = yaml.safe_load((HERE.parent / "pipelines/continuous.yaml").read_text())
             pipe = Pipeline.from_dict(dict(data, attention=b), progress=False)
             outs = pipe.generate(PROMPTS, SamplingParams(max_tokens=32, ignore_eos=True))
             greedy[b] = [o.token_ids for o in outs]
+        print(f"FlexAttention calls in the greedy runs: {len(flex_calls)}")
         same = all(greedy[b] == greedy[backends[0]] for b in backends)
         print(f"greedy tokens identical across backends: {same}")
     print(f"\ndecode step, {args.seqs} sequences x {args.context} tokens of context, block {args.block_size}\n")
@@ -96,11 +105,12 @@ def main() -> None:
         print(f"| {r['backend']} | {r['step_ms']:.1f} | {r['vs_first']:.2f}x | {r['first_step_s']:.1f} | "
               f"max logit diff {r['max_logit_diff_vs_first']:.2e} |")
     payload = {"seqs": args.seqs, "context": args.context, "block_size": args.block_size, "rows": rows,
-               "greedy": greedy, "greedy_identical": (all(greedy[b] == greedy[backends[0]] for b in backends)
+               "flex_calls_in_greedy": len(flex_calls), "greedy": greedy, "greedy_identical": (all(greedy[b] == greedy[backends[0]] for b in backends)
                                                       if greedy else None)}
     print(f"wrote {write(args.name, payload)}")
-    bar_chart(args.name, [r["backend"] for r in rows], [r["step_ms"] for r in rows], "ms per decode step",
-              f"{args.seqs} seqs x {args.context} ctx, default model fp32")
+    if rows:
+        bar_chart(args.name, [r["backend"] for r in rows], [r["step_ms"] for r in rows], "ms per decode step",
+                  f"{args.seqs} seqs x {args.context} ctx, default model fp32")
 
 
 if __name__ == "__main__":
