@@ -25,7 +25,6 @@ class ForwardBatch:
     block_size: int
     trees: dict[int, torch.Tensor] = field(default_factory=dict)  # seq -> [n+1, n+1] allowed (tree_mask)
     decode_padded: bool = False    # a bucketed all-same-width batch (the compiled path's input)
-    num_real: int = 0              # sequences before the bucket's padding copies
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +70,6 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         position ``root + depth`` while its K/V goes to the next slot in order, and sees only its ancestors.
     """
     width = len(items[0][0])
-    num_real = len(items)
     padded = (bool(decode_buckets) and len(items) <= decode_buckets[-1] and width <= max_padded_tokens
               and all(len(x[0]) == width for x in items) and not trees)
     if padded:
@@ -97,4 +95,4 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
         allowed[i] = m
     logits_idx = [offsets[i] + counts[i] - k for i, x in enumerate(items) for k in range(x[3], 0, -1)]
     return ForwardBatch(ids, pos, slots, torch.tensor(logits_idx, dtype=torch.long), starts, counts, offsets, bt,
-                        block_size, allowed, padded, num_real)
+                        block_size, allowed, padded)

@@ -28,7 +28,7 @@ def test_compiled_matches_eager(tiny_llama_dir):
 def test_decode_padding_duplicates_first_row():
     items = [([5], 7, [0], 1), ([6], 3, [1], 1), ([9], 12, [2], 1)]
     batch = build_batch(items, 16, decode_buckets=[1, 4, 8])
-    assert batch.decode_padded and batch.num_tokens == 4 and batch.num_real == 3
+    assert batch.decode_padded and batch.num_tokens == 4 and batch.num_seqs == 4
     assert batch.input_ids.tolist() == [5, 6, 9, 5] and batch.slot_mapping.tolist() == [7, 19, 44, 7]
     assert batch.logits_idx.tolist() == [0, 1, 2]
     layout = AttentionLayout(4, 2, 16, 16, 3, 256, torch.device("cpu"), torch.float32, (None,), kv_multiple=8)

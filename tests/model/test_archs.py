@@ -2,6 +2,8 @@
 continuous batch (tiny random configs from tests/conftest.py FAMILY_CONFIGS)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -41,16 +43,9 @@ def test_family_matches_hf(family, tmp_path, tokenizer):
 
 
 def test_unsupported_model_type_lists_supported(tmp_path, tokenizer):
-    from transformers import AutoConfig
-
     path = make_tiny_model("llama", tmp_path / "m", tokenizer)
-    cfg = AutoConfig.from_pretrained(path)
-    cfg.model_type = "gpt2"
-    data = cfg.to_dict()
-    data["model_type"] = "gpt2"
-    import json
-
-    (path / "config.json").write_text(json.dumps(data))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
     with pytest.raises(ModelLoadError, match="model type 'gpt2' is not supported; supported: .*gemma2.*qwen3_moe"):
         Pipeline.from_dict(tiny_pipeline_dict(path), progress=False)
 
