@@ -66,3 +66,18 @@ def test_quantized_families_run(family, tmp_path, tokenizer):
     out = q.generate(PROMPTS, params)
     agree = sum(a == b for r, s in zip(fp, out) for a, b in zip(r.token_ids, s.token_ids))
     assert agree >= 0.5 * 16 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1], ids=["every-layer", "per-layer"])
+def test_qwen2_sliding_windows_match_hf(max_window_layers, tmp_path, tokenizer):
+    """Qwen 2 sliding windows on every layer and on some layers only (refused before the model layer had
+    per-layer windows): greedy equal to HF past the window."""
+    path = make_tiny_model("qwen2", tmp_path / "q", tokenizer, use_sliding_window=True, sliding_window=6,
+                           max_window_layers=max_window_layers)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(path), progress=False)
+    windows = [layer.attn.window for layer in pipe.runner.layers]
+    assert windows == [6, 6] if max_window_layers == 0 else windows == [None, 6]
+    params = SamplingParams(max_tokens=TOKENS, ignore_eos=True)
+    for prompt, res in zip(PROMPTS, pipe.generate(PROMPTS, params)):
+        assert res.token_ids == hf_greedy(hf, pipe.encode(prompt), TOKENS), prompt
