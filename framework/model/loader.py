@@ -1,6 +1,7 @@
 """Load a resolved model into memory: weights (via accelerate's empty-weight init), tokenizer, config."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,21 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@contextmanager
+def _progress_bars(enabled: bool):
+    """transformers' progress bars on or off inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model: str, *, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LoadedModel:
     """Resolve, convert if needed, and load ``model`` with its tokenizer.
 
@@ -75,10 +91,13 @@ def load_model(model: str, *, dtype: str = "float32", device: str = "cpu", progr
     # init), then assigns the checkpoint tensors directly onto the target device.
     # (our runner does its own attention; HF's implementation serves calibration passes: sdpa where the family
     # has it, else eager)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)}, attn_implementation="sdpa")
-    except ValueError:
-        hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)}, attn_implementation="eager")
+    with _progress_bars(progress):  # transformers' own "Loading weights" bar follows `progress` too
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)},
+                                                      attn_implementation="sdpa")
+        except ValueError:
+            hf = AutoModelForCausalLM.from_pretrained(src, dtype=dt, device_map={"": str(dev)},
+                                                      attn_implementation="eager")
     hf.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(src)
     return LoadedModel(hf, tok, name, str(src), dev, dt)

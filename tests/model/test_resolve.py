@@ -53,3 +53,13 @@ def test_unresolvable_and_unsupported(tmp_path, tiny_llama_dir):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="supported: .*llama"):
         load_model(str(tmp_path))
+
+
+def test_quiet_load_prints_no_loading_bar(tiny_llama_dir, capfd):
+    """``progress=False`` (``tokenmill run --quiet``) silences transformers' "Loading weights" bar too, and
+    leaves transformers' own setting as it was."""
+    from transformers.utils import logging as hf_logging
+
+    load_model(str(tiny_llama_dir), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
