@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
+from tokenmill import params as _params
 from tokenmill.params import SamplingParams
 
 MAX_BATCH_PROMPTS = 1024
@@ -19,14 +20,23 @@ def check_max_tokens(v: int | None) -> int | None:
 
 
 def check_temperature(v: float | None) -> float | None:
-    if v is not None and v < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {v}")
+    if v is not None:
+        _params.check_temperature(v)
     return v
 
 
 def check_top_p(v: float | None) -> float | None:
-    if v is not None and not 0.0 < v <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {v}")
+    if v is not None:
+        _params.check_top_p(v)
+    return v
+
+
+def check_text(v: str, what: str) -> str:
+    """Text must encode as UTF-8: a lone surrogate (``"\\ud800"`` in JSON) cannot be tokenized."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text: a lone surrogate at character {exc.start}") from None
     return v
 
 
@@ -60,6 +70,8 @@ def check_prompt(v: Any, what: str = "prompt") -> Any:
         raise ValueError(f"{what} is empty: send a non-empty string or a non-empty list of token ids")
     if isinstance(v, list) and any(t < 0 for t in v):
         raise ValueError(f"{what}: token ids must be integers >= 0")
+    if isinstance(v, str):
+        check_text(v, what)
     return v
 
 
@@ -71,15 +83,15 @@ CHECKS = {"max_tokens": check_max_tokens, "temperature": check_temperature, "top
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
+    max_tokens: StrictInt = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
                                             "pipeline's max_model_len).")
     temperature: float = Field(0.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, description="Nucleus sampling mass in (0, 1]; 1 disables it.")
-    top_k: int = Field(0, description="Keep the k most likely tokens; 0 disables it.")
+    top_k: StrictInt = Field(0, description="Keep the k most likely tokens; 0 disables it.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (cut from the text).")
-    seed: Optional[int] = Field(None, description="Per-request seed: the same seed gives the same sample.")
-    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    chat: bool = Field(False, description="Wrap the prompt in the model's chat template.")
+    seed: Optional[StrictInt] = Field(None, description="Per-request seed: the same seed gives the same sample.")
+    ignore_eos: StrictBool = Field(False, description="Keep generating past the end-of-sequence token.")
+    chat: StrictBool = Field(False, description="Wrap the prompt in the model's chat template.")
     optimization: Optional[str] = Field(None, description="Which of the server's pipelines runs the request "
                                                           "(its YAML `name:`); default: the first one.")
 
@@ -101,8 +113,8 @@ class _Sampling(BaseModel):
 
 
 class GenerateRequest(_Sampling):
-    prompt: Union[str, list[int]] = Field(..., description="Text, or a list of token ids.")
-    stream: bool = Field(False, description="Send Server-Sent Events: one per decoded chunk, then a `done` "
+    prompt: Union[str, list[StrictInt]] = Field(..., description="Text, or a list of token ids.")
+    stream: StrictBool = Field(False, description="Send Server-Sent Events: one per decoded chunk, then a `done` "
                                             "event with the stats.")
 
     @field_validator("prompt")
@@ -125,7 +137,7 @@ class GenerateResponse(BaseModel):
 
 
 class BatchRequest(_Sampling):
-    prompts: list[Union[str, list[int]]] = Field(..., description=f"1 to {MAX_BATCH_PROMPTS} prompts, run "
+    prompts: list[Union[str, list[StrictInt]]] = Field(..., description=f"1 to {MAX_BATCH_PROMPTS} prompts, run "
                                                                   "together so they batch.")
 
     @field_validator("prompts")
@@ -160,20 +172,20 @@ class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    n: Optional[int] = None
-    stream: Optional[bool] = False
+    top_k: Optional[StrictInt] = None
+    n: Optional[StrictInt] = None
+    stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[StrictInt] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
@@ -212,7 +224,7 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     echo: Optional[bool] = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -270,13 +282,14 @@ class ChatMessage(BaseModel):
                                      "send text parts only")
                 texts.append(part.text)
             content = "".join(texts)
+        check_text(content or "", "message content")
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": content or ""}
 
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[StrictInt] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import json
 
 import httpx
 import pytest
@@ -270,9 +271,18 @@ BAD = [
     ({"prompt": "x", "max_tokens": -3}, "max_tokens must be an integer >= 1, got -3"),
     ({"prompt": "x", "max_tokens": 256}, "max_tokens must be at most 255 for 'tiny' (its max_model_len is 256"),
     ({"prompt": "word " * 200, "max_tokens": 100}, "exceeds the pipeline's max_model_len of 256"),
-    ({"prompt": "x", "temperature": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
-    ({"prompt": "x", "top_p": 0}, "top_p must be in (0, 1] (1 disables it), got 0.0"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p must be in (0, 1] (1 disables it), got 1.5"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature must be 0 (greedy) or a finite number >= 1e-05, got -0.5"),
+    ({"prompt": "x", "temperature": float("nan")}, "temperature must be 0 (greedy) or a finite number >= 1e-05, got nan"),
+    ({"prompt": "x", "temperature": float("inf")}, "temperature must be 0 (greedy) or a finite number >= 1e-05, got inf"),
+    ({"prompt": "x", "temperature": 1e-300}, "temperature must be 0 (greedy) or a finite number >= 1e-05, got 1e-300"),
+    ({"prompt": "x", "top_p": 0}, "top_p must be a finite number in [1e-06, 1] (1 disables it), got 0.0"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p must be a finite number in [1e-06, 1] (1 disables it), got 1.5"),
+    ({"prompt": "x", "top_p": 1e-300}, "top_p must be a finite number in [1e-06, 1] (1 disables it), got 1e-300"),
+    ({"prompt": "a\ud800b"}, "prompt is not valid Unicode text: a lone surrogate at character 1"),
+    ({"prompt": "x", "max_tokens": "8"}, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ({"prompt": "x", "stream": "yes"}, "stream: Input should be a valid boolean"),
+    ({"prompt": [False]}, "prompt"),
     ({"prompt": "x", "top_k": -1}, "top_k must be an integer >= 0"),
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
     ({"prompt": "x", "stop": [""]}, "stop must be a string or a list of non-empty strings"),
@@ -282,12 +292,31 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("payload,message", BAD, ids=[m[:30] for _, m in BAD])
+def post_json(client, url: str, payload):
+    """POST as clients send it: Python's json writes NaN and Infinity (httpx's json= refuses to)."""
+    return client.post(url, content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("payload,message", BAD, ids=[f"{i}-{m[:30]}" for i, (_, m) in enumerate(BAD)])
 def test_bad_input_is_400_with_a_clear_message(client, payload, message):
-    r = client.post("/v1/generate", json=payload)
+    r = post_json(client, "/v1/generate", payload)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_openai_bad_numbers_and_loose_types_are_400(client):
+    """The OpenAI routes share the checks: no 500 for NaN, Infinity, underflowing values or a lone surrogate,
+    and no silent coercion of strings and booleans."""
+    cases = [({"temperature": float("nan")}, "temperature must be 0 (greedy) or a finite number"),
+             ({"top_p": 1e-300}, "top_p must be a finite number in [1e-06, 1]"),
+             ({"max_tokens": "8"}, "max_tokens"), ({"stream": "yes"}, "stream")]
+    for extra, message in cases:
+        r = post_json(client, "/v1/completions", dict({"model": "tiny", "prompt": "x"}, **extra))
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (extra, r.text)
+    r = post_json(client, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user",
+                                                                                   "content": "a\ud800b"}]})
+    assert r.status_code == 400 and "not valid Unicode text" in r.json()["error"]["message"], r.text
 
 
 def test_malformed_json_and_wrong_shapes(client):
