@@ -45,7 +45,7 @@ class Pipeline:
         assert pool is not None, "no plugin answered init_kv_cache"
         self.runner = ModelRunner(model, pool, attention=spec.attention, compile_spec=spec.compile,
                                   max_model_len=max_len)
-        if self.runner.compiled or self.runner.attention.name != "sdpa_gather":
+        if self.runner.compiled or self.runner.attention.needs_warm_up:
             self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
         self.pm.hook.configure(context=PipelineContext(
             model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,

@@ -54,13 +54,13 @@ def _progress_bars(enabled: bool):
     """transformers' progress bars on or off inside the block, as they were after it."""
     from transformers.utils import logging as hf_logging
 
-    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    was_enabled = hf_logging.is_progress_bar_enabled()
     if not enabled:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if not enabled and not was_disabled:
+        if was_enabled and not enabled:
             hf_logging.enable_progress_bar()
 
 

@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.hooktypes import KVCacheSpec, KVPool
 from tokenmill.model.archs import Layer, build_arch
+from tokenmill.model.archs.base import attention_shape
 from tokenmill.model.attention import AttentionLayout, backend_class
 from tokenmill.model.batch import ForwardBatch, build_batch
 
@@ -75,11 +76,9 @@ class ModelRunner:
 
     @staticmethod
     def kv_spec(model, *, dtype, device, max_model_len: int, max_num_seqs: int) -> KVCacheSpec:
-        cfg = model.config
-        attn0 = model.model.layers[0].self_attn
-        head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return KVCacheSpec(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None)
-                           or cfg.num_attention_heads, head_dim, dtype, device, max_model_len, max_num_seqs)
+        _, num_kv_heads, head_dim = attention_shape(model)
+        return KVCacheSpec(model.config.num_hidden_layers, num_kv_heads, head_dim, dtype, device, max_model_len,
+                           max_num_seqs)
 
     # ------------------------------------------------------------------ public API
     def batch(self, items: list[tuple[list[int], int, list[int], int]], *, trees: dict[int, list[int]] | None = None,

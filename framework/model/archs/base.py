@@ -46,6 +46,13 @@ class Layer:
     residual_scale: float = 1.0                # Granite's residual_multiplier
 
 
+def attention_shape(model) -> tuple[int, int, int]:
+    """``(num_heads, num_kv_heads, head_dim)`` of an HF decoder."""
+    cfg = model.config
+    head_dim = getattr(model.model.layers[0].self_attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+
+
 class Linear:
     """Applies projection modules: plain fp32 ``nn.Linear`` on CPU through the row-count GEMM dispatch
     (:mod:`tokenmill.model.kernels.cpu_gemm`), anything else (a quantized replacement) called as it is."""
@@ -100,10 +107,7 @@ class Arch:
         self.config = cfg = model.config
         base = model.model
         self.base = base
-        attn0 = base.layers[0].self_attn
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(model)
         param = next(model.parameters())
         self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32)
         self.layers = [self.layer(i, hf) for i, hf in enumerate(base.layers)]

@@ -43,6 +43,8 @@ class AttentionBackend:
     """
 
     name: ClassVar[str] = ""
+    # whether the build runs warm-up decode steps through the backend (it compiles, or prepares per shape)
+    needs_warm_up: ClassVar[bool] = True
 
     def __init__(self, layout: AttentionLayout) -> None:
         self.layout = layout

@@ -48,6 +48,7 @@ def place_rows(out: torch.Tensor | None, o: torch.Tensor, out_idx: torch.Tensor,
 
 class SdpaGather(AttentionBackend):
     name = "sdpa_gather"
+    needs_warm_up = False  # nothing to compile
 
     def prepare(self, batch: ForwardBatch, window: int | None) -> tuple:
         return tuple(self._group(batch, members, window) for members in query_groups(batch))
