@@ -47,7 +47,7 @@ class EngineCollector:
                                     "Requests waiting for a batch slot (engine queue, preempted included).",
                                     labels=["pipeline"])
         queued = GaugeMetricFamily("tokenmill_num_requests_queued",
-                                   "Requests not running yet, as counted against --max-queued-requests.",
+                                   "Requests not running yet (submitted or in the engine's waiting queue).",
                                    labels=["pipeline"])
         kv_usage = GaugeMetricFamily("tokenmill_kv_cache_usage_perc", "Share of KV blocks held by requests (0-1).",
                                      labels=["pipeline"])

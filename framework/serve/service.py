@@ -141,12 +141,15 @@ class Service:
     def admit(self, w: EngineWorker, n: int) -> None:
         try:
             self.check_ready(w)
-            waiting = w.queued()
-            free = max(0, w.limits.max_num_seqs - w.num_running - waiting)
-            would_wait = max(0, n - free)
+            # not running yet (posted, or in the engine's waiting queue): they take the free batch slots first,
+            # and whatever does not fit in a slot waits; admitted = free slots + max_queued_requests
+            pending = w.queued()
+            slots = w.limits.max_num_seqs
+            waiting = max(0, w.num_running + pending - slots)
+            would_wait = max(0, w.num_running + pending + n - slots)
             limit = self.config.max_queued_requests
-            if would_wait and waiting + would_wait > limit:
-                retry = max(1, min(60, math.ceil(w.mean_latency_s * (waiting + 1) / max(1, w.limits.max_num_seqs))))
+            if would_wait > waiting and would_wait > limit:
+                retry = max(1, min(60, math.ceil(w.mean_latency_s * (waiting + 1) / max(1, slots))))
                 raise APIError(503, f"the request queue of pipeline '{w.name}' is full ({waiting} request(s) "
                                     f"waiting for a batch slot, limit --max-queued-requests={limit}); retry in "
                                     f"{retry} s", code="queue_full", headers={"Retry-After": str(retry)})

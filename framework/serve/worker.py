@@ -274,9 +274,9 @@ class EngineWorker:
             self._handle(cmd)
 
     def _publish(self, eng) -> None:
-        if eng is not None:
-            self.num_waiting = len(eng.waiting)
+        if eng is not None:  # running first: a reader between the two writes over-counts, never under-counts
             self.num_running = len(eng.running)
+            self.num_waiting = len(eng.waiting)
 
     # ------------------------------------------------------------------ commands
     def _handle(self, cmd: tuple) -> None:

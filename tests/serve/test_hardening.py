@@ -43,3 +43,71 @@ def test_keep_alive_connection_has_no_nagle_stall(make_server, spare_pipeline):
         conn.close()
     reused = overheads[1:]  # the first request opened the connection
     assert statistics.median(reused) < 5.0, f"per-request overhead (ms) beyond generation: {reused}"
+
+
+# ---------------------------------------------------------------------------------------------- item 8
+async def _serving(app):
+    """Enter the app's lifespan (engine threads) and wait until every pipeline is warm."""
+    import asyncio
+
+    ctx = app.router.lifespan_context(app)
+    await ctx.__aenter__()
+    for w in app.state.service.workers.values():
+        assert await asyncio.to_thread(w.ready.wait, 60) and w.state == "ready", w.error
+    return ctx
+
+
+def test_burst_admits_free_slots_plus_max_queued(spare_pipeline):
+    """max_num_seqs 8, --max-queued-requests 4, 30 simultaneous requests while the engine thread is blocked
+    (nothing is taken, nothing finishes): exactly 8 + 4 are admitted, the other 18 get 503 queue_full."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from tokenmill.serve import create_app
+
+    app = create_app([spare_pipeline], max_queued_requests=4)
+    service = app.state.service
+    w = service.workers["spare"]
+    assert w.limits.max_num_seqs == 8
+
+    async def main():
+        ctx = await _serving(app)
+        gate = threading.Event()
+        decided = asyncio.Event()
+        admissions = []
+        admit = service.admit
+
+        def counting_admit(worker, n):
+            try:
+                admit(worker, n)
+            finally:
+                admissions.append(n)
+                if len(admissions) == 30:
+                    decided.set()
+
+        service.admit = counting_admit
+        blocked = w.call(lambda p: gate.wait(60))  # the engine thread takes no command until the gate opens
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as ac:
+                tasks = [asyncio.create_task(ac.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 2}))
+                         for _ in range(30)]
+                await asyncio.wait_for(decided.wait(), 30)
+                refused = [t.result() for t in tasks if t.done()]
+                admitted = w.posted
+                gate.set()
+                await blocked
+                answers = await asyncio.gather(*tasks)
+        finally:
+            gate.set()
+            service.admit = admit
+            await ctx.__aexit__(None, None, None)
+        return refused, admitted, answers
+
+    refused, admitted, answers = asyncio.run(main())
+    assert admitted == 12, f"admitted {admitted} of 30 with 8 free slots and --max-queued-requests 4"
+    assert len(refused) == 18 and all(r.status_code == 503 for r in refused)
+    assert all(r.json()["error"]["code"] == "queue_full" for r in refused)
+    assert sorted(r.status_code for r in answers) == [200] * 12 + [503] * 18
