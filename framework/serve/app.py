@@ -111,7 +111,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             parts.append(f"the request body is not valid JSON{where}" + (f" ({detail})" if detail else ""))
             continue
         field = ".".join(loc) or "body"
-        param = param or (field if loc else None)
+        param = param or (field if loc else (err.get("ctx") or {}).get("param"))
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if kind == "missing":
             parts.append(f"{field} is required")

@@ -42,7 +42,7 @@ def router(service: Service) -> APIRouter:
         service.check_ready(w)
         params, fill = body.sampling_params(default_max_tokens)
         if not fill:
-            service.check_max_tokens(w, params, "max_tokens")
+            service.check_max_tokens(w, params, body.max_tokens_param)
         return w, params, fill
 
     @r.post("/v1/completions", summary="OpenAI-compatible text completion")

@@ -1,12 +1,13 @@
 """Request and response bodies. Every limit is checked with a message that says what is allowed."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from tokenmill import params as _params
 from tokenmill.params import SamplingParams
+from tokenmill.serve.unsupported import CHAT, COMPLETIONS, NATIVE, refuse_unsupported
 
 MAX_BATCH_PROMPTS = 1024
 SEED_MAX = 2**63 - 1
@@ -82,6 +83,7 @@ CHECKS = {"max_tokens": check_max_tokens, "temperature": check_temperature, "top
 # ------------------------------------------------------------------------------------------- native API
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    route: ClassVar[str] = NATIVE  # which entries of unsupported.UNSUPPORTED apply
 
     max_tokens: StrictInt = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
                                             "pipeline's max_model_len).")
@@ -94,6 +96,11 @@ class _Sampling(BaseModel):
     chat: StrictBool = Field(False, description="Wrap the prompt in the model's chat template.")
     optimization: Optional[str] = Field(None, description="Which of the server's pipelines runs the request "
                                                           "(its YAML `name:`); default: the first one.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        return refuse_unsupported(data, cls.route)
 
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
@@ -161,15 +168,18 @@ class BatchResponse(BaseModel):
 
 # ------------------------------------------------------------------------------------------- OpenAI API
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = Field(False, description="Send a usage chunk before `data: [DONE]`.")
+    include_obfuscation: Optional[StrictBool] = Field(None, description="Accepted and ignored (no padding is sent).")
 
 
 class _OpenAIBase(BaseModel):
-    """Fields common to completions and chat. Unknown fields are ignored, as OpenAI clients send extras;
-    fields that would change the result and are not supported are refused."""
+    """Fields common to completions and chat. Fields that would change the result and are not supported are
+    refused by name (``unsupported.UNSUPPORTED``), other unknown fields as unknown; the harmless extras OpenAI
+    clients send (``user``, ``metadata``, ``store`` ...) are declared here, accepted and ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+    route: ClassVar[str]
 
     model: Optional[str] = None
     max_tokens: Optional[StrictInt] = None
@@ -181,11 +191,21 @@ class _OpenAIBase(BaseModel):
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[StrictInt] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
     ignore_eos: StrictBool = False
+    # harmless extras: accepted and ignored (they do not change the generated text)
+    user: Optional[str] = Field(None, description="Accepted and ignored.")
+    metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
+    store: Optional[StrictBool] = Field(None, description="Accepted and ignored; nothing is stored.")
+    service_tier: Optional[str] = Field(None, description="Accepted and ignored.")
+    safety_identifier: Optional[str] = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: Optional[str] = Field(None, description="Accepted and ignored (prefix caching is "
+                                                              "automatic where the pipeline has it).")
+    parallel_tool_calls: Optional[StrictBool] = Field(None, description="Accepted and ignored (no tools).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        return refuse_unsupported(data, cls.route)
 
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
@@ -202,11 +222,6 @@ class _OpenAIBase(BaseModel):
     def _unsupported(self):
         if self.n not in (None, 1):
             raise ValueError(f"n must be 1 (one choice per prompt), got {self.n}")
-        for key in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, key) not in (None, 0, 0.0):
-                raise ValueError(f"{key} is not supported; leave it out or set it to 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported; leave it out")
         return self
 
     def sampling_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
@@ -222,13 +237,15 @@ class _OpenAIBase(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the token limit came from, for error messages."""
+        return "max_tokens"
+
 
 class CompletionRequest(_OpenAIBase):
+    route: ClassVar[str] = COMPLETIONS
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
-    echo: Optional[bool] = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
-    logprobs: Optional[int] = None
 
     @field_validator("prompt")
     @classmethod
@@ -240,18 +257,6 @@ class CompletionRequest(_OpenAIBase):
                 check_prompt(p, f"prompt[{i}]")
             return v
         return check_prompt(v)
-
-    @model_validator(mode="after")
-    def _unsupported_completion(self):
-        if self.echo:
-            raise ValueError("echo is not supported; leave it out or set it to false")
-        if self.suffix:
-            raise ValueError("suffix is not supported; leave it out")
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of must be 1, got {self.best_of}")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported; leave it out")
-        return self
 
     def prompts(self) -> list[Union[str, list[int]]]:
         v = self.prompt
@@ -288,13 +293,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIBase):
+    route: ClassVar[str] = CHAT
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[StrictInt] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
-    response_format: Optional[dict[str, Any]] = None
+    max_completion_tokens: Optional[StrictInt] = Field(None, description="Tokens to generate at most; wins "
+                                                                         "over max_tokens, as in OpenAI.")
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -314,16 +316,14 @@ class ChatCompletionRequest(_OpenAIBase):
         return v
 
     @model_validator(mode="after")
-    def _unsupported_chat(self):
-        if self.logprobs:
-            raise ValueError("logprobs is not supported; leave it out or set it to false")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported; leave them out")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format must be {'type': 'text'}; structured output is not supported")
-        if self.max_completion_tokens is not None and self.max_tokens is None:
+    def _max_completion_tokens_wins(self):
+        if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_message() for m in self.messages]

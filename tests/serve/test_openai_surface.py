@@ -1,0 +1,90 @@
+"""What an OpenAI (or vLLM) client sends and expects: fields that would change the result but are not
+supported are refused by name, unknown fields are refused, harmless extras are accepted; the routes such a
+client calls besides completions (one model, tokenize, detokenize, version)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import tiny_pipeline_dict
+from tests.serve.helpers import start_server
+from tokenmill import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_llama_dir):
+    return Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, name="surface"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    run = start_server([pipe])
+    with run.client() as c:
+        yield c
+    run.stop()
+
+
+COMPLETION = {"model": "surface", "prompt": "Hello", "max_tokens": 2}
+CHAT = {"model": "surface", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+NATIVE = {"prompt": "Hello", "max_tokens": 2}
+ROUTES = {"/v1/completions": COMPLETION, "/v1/chat/completions": CHAT, "/v1/generate": NATIVE,
+          "/v1/generate/batch": {"prompts": ["Hello"], "max_tokens": 2}}
+
+# (field, a value that would change the result, routes that refuse it)
+UNSUPPORTED = [
+    ("stop_token_ids", [5], list(ROUTES)),
+    ("min_tokens", 3, list(ROUTES)),
+    ("repetition_penalty", 1.3, list(ROUTES)),
+    ("min_p", 0.1, list(ROUTES)),
+    ("include_stop_str_in_output", True, list(ROUTES)),
+    ("skip_special_tokens", False, list(ROUTES)),
+    ("guided_json", {"type": "object"}, list(ROUTES)),
+    ("priority", 5, list(ROUTES)),
+    ("top_logprobs", 3, ["/v1/chat/completions"]),
+    ("response_format", {"type": "json_object"}, ["/v1/completions", "/v1/chat/completions"]),
+    ("max_completion_tokens", 4, ["/v1/completions"]),
+]
+CASES = [(route, field, value) for field, value, routes in UNSUPPORTED for route in routes]
+
+
+@pytest.mark.parametrize("route,field,value", CASES, ids=[f"{r}-{f}" for r, f, _ in CASES])
+def test_a_field_that_would_change_the_result_is_refused_by_name(client, route, field, value):
+    r = client.post(route, json=dict(ROUTES[route], **{field: value}))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert field in err["message"] and "not supported" in err["message"], err
+    assert err["param"] == field
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    """A client that sends the value the server already behaves as is not refused."""
+    neutral = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "stop_token_ids": [],
+               "skip_special_tokens": True, "include_stop_str_in_output": False, "priority": 0}
+    for route, body in ROUTES.items():
+        r = client.post(route, json=dict(body, **neutral))
+        assert r.status_code == 200, (route, r.text)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_unknown_openai_fields_are_refused(client, route):
+    r = client.post(route, json=dict(ROUTES[route], temperture=0.5))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "unknown field 'temperture'" in err["message"] and err["param"] == "temperture"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_harmless_openai_extras_are_accepted(client, route):
+    extras = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+              "safety_identifier": "s-1", "prompt_cache_key": "p-1"}
+    r = client.post(route, json=dict(ROUTES[route], **extras))
+    assert r.status_code == 200, r.text
+
+
+def test_max_completion_tokens_wins_over_max_tokens_on_chat(client):
+    body = dict(CHAT, max_tokens=2, max_completion_tokens=5, ignore_eos=True)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5
+    r = client.post("/v1/chat/completions", json=dict(CHAT, max_tokens=2, max_completion_tokens=9999))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+    assert "max_completion_tokens must be at most 255" in r.json()["error"]["message"]
