@@ -3,13 +3,99 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
-from typing import Any, Literal, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+
+class _PathKind:
+    """Marks an option as a filesystem path (``always``) or as a model reference (an alias, a hub id, a
+    ``self_*`` draft name or a path: resolved only when it names something that exists there or looks like a
+    path)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+FilePath = Annotated[str, _PathKind("always")]
+"""An option holding a file or directory path. A relative value written in a pipeline file resolves against
+the file's own directory; one in a dict (``Pipeline.from_dict``) against the working directory."""
+ModelRef = Annotated[str, _PathKind("model")]
+"""An option naming a model: an alias or hub id stays as written; a relative path resolves like ``FilePath``."""
+
+
+class SpecPath(str):
+    """A path resolved from a pipeline (a ``str``), remembering what was written and against what, so a
+    not-found error can name both (:func:`describe_path`)."""
+
+    written: str
+    base: str
+
+    def __new__(cls, resolved: str, written: str, base: str) -> "SpecPath":
+        obj = super().__new__(cls, resolved)
+        obj.written, obj.base = written, base
+        return obj
+
+
+def describe_path(path: Any) -> str:
+    """``path`` for an error message: a resolved pipeline path also says what was written and the base."""
+    if isinstance(path, SpecPath) and path.written != str(path):
+        return f"{path} ('{path.written}' resolved against {path.base})"
+    return str(path)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathBase:
+    """Where relative paths of a pipeline resolve: a directory and how to name it in messages."""
+
+    directory: Path
+    label: str
+
+    @classmethod
+    def for_source(cls, source: str | None) -> "PathBase":
+        if source is None:
+            cwd = Path.cwd()
+            return cls(cwd, f"the working directory {cwd}")
+        parent = Path(source).resolve().parent
+        return cls(parent, f"the pipeline file's directory {parent}")
+
+    def resolve(self, value: str, kind: str = "always") -> str:
+        """``value`` resolved per ``kind`` (see :data:`FilePath`, :data:`ModelRef`)."""
+        written = os.path.expanduser(value)
+        if not value or os.path.isabs(written):
+            return value if not value else written
+        candidate = self.directory / written
+        if kind == "model":
+            from tokenmill.model.resolve import ALIASES
+
+            looks_like_path = written.startswith((".", "~")) or Path(written).suffix.lower() == ".gguf"
+            if value.strip().lower() in ALIASES or value.startswith("self_") or not (
+                    candidate.exists() or looks_like_path):
+                return value
+        return SpecPath(str(candidate), value, self.label)
+
+
+def _path_kind(tp: Any) -> str | None:
+    """The ``_PathKind`` of an annotation (also inside ``X | None``), if any."""
+    if typing.get_origin(tp) is Annotated:
+        return next((m.kind for m in tp.__metadata__ if isinstance(m, _PathKind)), None)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((k for a in typing.get_args(tp) if (k := _path_kind(a))), None)
+    return None
+
+
+def _plain(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
 def type_name(tp: Any) -> str:
+    tp = _plain(tp)
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -27,6 +113,7 @@ def type_name(tp: Any) -> str:
 
 def matches(value: Any, tp: Any) -> bool:
     """True when ``value`` (parsed YAML) fits the annotation ``tp``."""
+    tp = _plain(tp)
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
@@ -61,8 +148,10 @@ class OptionError(ValueError):
         self.key = key
 
 
-def build_options(cls: type, raw: dict[str, Any] | None, what: str) -> Any:
+def build_options(cls: type, raw: dict[str, Any] | None, what: str, *, paths: PathBase | None = None) -> Any:
     """Validate ``raw`` against the dataclass ``cls`` and construct it.
+
+    With ``paths``, relative values of :data:`FilePath` / :data:`ModelRef` options resolve against it.
 
     :raises OptionError: unknown key (with the allowed keys), wrong type (with the expected type), or a
         value the dataclass rejects in ``__post_init__``.
@@ -71,7 +160,7 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str) -> Any:
     if not isinstance(raw, dict):
         raise OptionError(f"options of {what} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    hints = typing.get_type_hints(cls) if fields else {}
+    hints = typing.get_type_hints(cls, include_extras=True) if fields else {}
     for key, value in raw.items():
         if key not in fields:
             allowed = ", ".join(sorted(fields)) or "none"
@@ -81,6 +170,9 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str) -> Any:
         if not matches(value, tp):
             raise OptionError(
                 f"option '{key}' of {what} must be {type_name(tp)}, got {value!r} ({type(value).__name__})", key)
+    if paths is not None:
+        raw = {k: paths.resolve(v, kind) if isinstance(v, str) and (kind := _path_kind(hints.get(k, Any))) else v
+               for k, v in raw.items()}
     try:
         return cls(**raw)
     except (ValueError, TypeError) as exc:

@@ -1,6 +1,8 @@
 """Pipeline specs: YAML (or a dict) -> a validated :class:`PipelineSpec`.
 
 Every problem is one :class:`PipelineError` naming the file, the line, what was wrong and what is allowed.
+Relative paths (``model:`` and plugin options typed ``FilePath`` / ``ModelRef``) resolve against the pipeline
+file's directory, or against the working directory for a dict.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any, Literal
 
 from tokenmill.errors import PipelineError
 from tokenmill.host import FIRSTRESULT_HOOKS, PluginEntry, discover_plugins, hooks_implemented
-from tokenmill.options import OptionError, build_options, closest
+from tokenmill.options import OptionError, PathBase, build_options, closest
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
@@ -115,7 +117,8 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
     if "model" not in data or not isinstance(data["model"], str) or not data["model"].strip():
         raise fail("'model' is required: a model alias (e.g. smollm2-135m-instruct), an HF model directory, "
                    "a .gguf file or a hub id", ("model",))
-    spec = PipelineSpec(model=data["model"], source=where, raw=dict(data))
+    paths = PathBase.for_source(None if isinstance(source, dict) else where)
+    spec = PipelineSpec(model=paths.resolve(data["model"], "model"), source=where, raw=dict(data))
     for key, tp in (("name", str), ("description", str), ("device", str), ("attention", str)):
         if key in data:
             if not isinstance(data[key], tp):
@@ -182,7 +185,7 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
                     raise OptionError(f"plugin '{name}' takes no options, got {sorted(opts)}")
                 options = None
             else:
-                options = build_options(opts_cls, opts, f"plugin '{name}'")
+                options = build_options(opts_cls, opts, f"plugin '{name}'", paths=paths)
         except OptionError as exc:
             opath = path + (name, exc.key) if exc.key else path + (name,)
             raise fail(str(exc), opath) from None

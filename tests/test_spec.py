@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tokenmill import PipelineError, PipelineSpec, load_spec
-from tokenmill.host import discover_plugins
+from tokenmill.host import PluginEntry, discover_plugins
+from tokenmill.options import FilePath, ModelRef, describe_path
 from tokenmill.spec import CompileSpec, LimitsSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,3 +432,89 @@ def test_unreadable_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     err = error_of(missing)
     assert str(err).startswith(f"{missing}: cannot read pipeline file")
+
+
+# ----------------------------------------------------------------------------------------- relative paths
+class PathsPlugin:
+    """An inline plugin with a path option, a model option and a plain string option."""
+
+    name = "paths"
+
+    @dataclass
+    class Options:
+        data: FilePath | None = None
+        model: ModelRef = "self_int4"
+        label: str = "a/b"
+
+    def __init__(self, options=None) -> None:
+        self.options = options
+
+
+def paths_catalog() -> dict:
+    return {**discover_plugins(), "paths": PluginEntry("paths", f"{__name__}:PathsPlugin", "tests")}
+
+
+def test_shipped_medusa_heads_resolve_against_the_pipeline_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anywhere but the repository
+    spec = load_spec(REPO / "pipelines" / "medusa.yaml")
+    heads = next(p.options.heads for p in spec.plugins if p.name == "medusa")
+    assert Path(heads) == REPO / "pipelines" / "medusa" / "smollm2-135m-instruct"
+    assert (Path(heads) / "medusa_config.json").is_file()
+
+
+def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path, monkeypatch):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    (sub / "models").mkdir()
+    (sub / "models" / "m.gguf").write_bytes(b"")
+    path = write(sub, """
+        model: models/m.gguf
+        plugins:
+          - paths: {data: heads/x, model: models/m.gguf, label: heads/x}
+    """)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(path, catalog=paths_catalog())
+    opts = spec.plugins[0].options
+    assert Path(spec.model) == sub / "models" / "m.gguf"
+    assert Path(opts.data) == sub / "heads" / "x"          # a path resolves even when it does not exist yet
+    assert Path(opts.model) == sub / "models" / "m.gguf"
+    assert opts.label == "heads/x"                          # a plain string option is left alone
+    assert "'heads/x' resolved against the pipeline file's directory" in describe_path(opts.data)
+    assert str(sub) in describe_path(opts.data)
+
+
+def test_model_names_and_absolute_paths_stay_as_written(tmp_path):
+    path = write(tmp_path, f"""
+        model: smollm2-135m-instruct
+        plugins:
+          - paths: {{data: {tmp_path / 'abs'}, model: org/some-model}}
+    """)
+    spec = load_spec(path, catalog=paths_catalog())
+    opts = spec.plugins[0].options
+    assert spec.model == "smollm2-135m-instruct"
+    assert opts.data == str(tmp_path / "abs") and opts.model == "org/some-model"
+    assert load_spec({"model": "org/some-model"}).model == "org/some-model"
+
+
+def test_dict_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec({"model": "some/model", "plugins": [{"paths": {"data": "d"}}]}, catalog=paths_catalog())
+    data = spec.plugins[0].options.data
+    assert Path(data) == tmp_path / "d"
+    assert "resolved against the working directory" in describe_path(data)
+
+
+def test_missing_medusa_heads_error_names_the_written_path_and_the_base(tmp_path):
+    from tokenmill.plugins.speculative.medusa import MedusaHeads
+
+    path = write(tmp_path, """
+        model: smollm2-135m-instruct
+        plugins:
+          - medusa: {heads: nowhere/heads}
+    """)
+    heads = load_spec(path).plugins[0].options.heads
+    with pytest.raises(PipelineError) as info:
+        MedusaHeads.load(heads, hidden_size=8, vocab_size=16)
+    msg = str(info.value)
+    assert str(tmp_path / "nowhere" / "heads") in msg
+    assert "'nowhere/heads' resolved against the pipeline file's directory" in msg

@@ -135,7 +135,7 @@ def resolve_model(model: str, *, progress: bool = True) -> tuple[Path | str, str
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
+            raise ModelLoadError(f"GGUF file not found: {describe_path(model)}")
         target = cache_dir() / "models" / _gguf_key(path)
         if not _is_hf_dir(target):
             convert_gguf(path, target, progress=progress)
@@ -147,6 +147,6 @@ def resolve_model(model: str, *, progress: bool = True) -> tuple[Path | str, str
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model, model  # a hub id; the loader reports offline / not-cached failures
     raise ModelLoadError(
-        f"cannot resolve model '{model}': not an alias ({', '.join(ALIASES)}), not an existing directory "
+        f"cannot resolve model '{describe_path(model)}': not an alias ({', '.join(ALIASES)}), not an existing directory "
         "or .gguf file, and not a hub id of the form 'org/name'"
     )

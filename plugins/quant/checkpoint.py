@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.errors import PipelineError
+from tokenmill.options import describe_path
 from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, resolve_compute_dtype
 from tokenmill.plugins.quant.quantizer import QuantPlugin
 
@@ -116,7 +117,7 @@ class CheckpointLoader:
         from safetensors import safe_open
 
         self.dir = Path(directory).expanduser()
-        where = f"quantized checkpoint {self.dir}"
+        where = f"quantized checkpoint {describe_path(directory)}"
         mpath = self.dir / MANIFEST
         if not mpath.is_file() or not (self.dir / WEIGHTS).is_file():
             raise PipelineError(f"{where}: no {MANIFEST} / {WEIGHTS} there; write one with "

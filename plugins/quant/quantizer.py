@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from tokenmill.options import FilePath
 from tokenmill.plugin import Plugin, hookimpl
 from tokenmill.plugins.quant.base import (ComputeDType, QuantizedEmbedding, QuantLinear, SplitRowsLinear,
                                          resolve_compute_dtype)
@@ -29,7 +30,7 @@ class QuantOptions:
     # int4/nf4: selected decoder linear layers matching these globs are stored in int8 (per-channel) instead:
     # mixed precision for the layers the format hurts most (like llama.cpp's *_M mixes keep attn_v higher)
     int8_layers: list[str] = field(default_factory=list)
-    load: str | None = None     # a directory written by `tokenmill quantize`: load it instead of quantizing
+    load: FilePath | None = None  # a directory written by `tokenmill quantize`: load it instead of quantizing
     # GPTQ for the decoder blocks' linear layers: true (defaults) or a mapping of GPTQ settings (see gptq.py);
     # null/false rounds to nearest. Normalized to the full settings dict (recorded in checkpoints).
     gptq: dict | bool | None = None

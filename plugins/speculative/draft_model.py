@@ -27,6 +27,7 @@ import torch
 from tokenmill.errors import PipelineError
 from tokenmill.hooktypes import Draft, KVPool, PipelineContext
 from tokenmill.model import ModelRunner
+from tokenmill.options import ModelRef
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
 from tokenmill.plugins.speculative.prompt_lookup import lookup_match
@@ -224,7 +225,7 @@ class Speculative(DrafterPlugin):
 
     @dataclass(slots=True)
     class Options(DrafterPlugin.Options):
-        draft: str = "self_int4"
+        draft: ModelRef = "self_int4"
         draft_quant_options: dict | None = None   # options for the self-draft's quantization plugin
         compile_draft: bool = False               # torch.compile the draft's single-token steps
         compile_mode: str | None = None           # torch.compile mode for the draft (None: default)

@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenmill.errors import PipelineError
 from tokenmill.hooktypes import Draft, PipelineContext, VerifyInput
+from tokenmill.options import FilePath, describe_path
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
 from tokenmill.sampling import draw, filtered_probs, tree_children, verify_drafts, verify_tree
@@ -67,12 +68,13 @@ class MedusaHeads(nn.Module):
                                                   num_layers=self.num_layers), indent=2))
 
     @classmethod
-    def load(cls, path: Path, *, hidden_size: int, vocab_size: int) -> tuple["MedusaHeads", dict]:
+    def load(cls, path: str | Path, *, hidden_size: int, vocab_size: int) -> tuple["MedusaHeads", dict]:
         from safetensors.torch import load_file
 
+        shown, path = describe_path(path), Path(path).expanduser()
         cfg_file, weights = path / CONFIG, path / WEIGHTS
         if not cfg_file.is_file() or not weights.is_file():
-            raise PipelineError(f"medusa heads not found in {path} (need {CONFIG} and {WEIGHTS}); train them with "
+            raise PipelineError(f"medusa heads not found in {shown} (need {CONFIG} and {WEIGHTS}); train them with "
                                 "`tokenmill train-medusa PIPELINE --out DIR`")
         cfg = json.loads(cfg_file.read_text())
         if cfg["hidden_size"] != hidden_size or cfg.get("vocab_size", vocab_size) != vocab_size:
@@ -136,7 +138,7 @@ class Medusa(DrafterPlugin):
 
     @dataclass(slots=True)
     class Options(DrafterPlugin.Options):
-        heads: str = ""                 # directory written by `tokenmill train-medusa`
+        heads: FilePath = ""            # directory written by `tokenmill train-medusa`
         acceptance: str = "exact"       # exact | typical
         typical_epsilon: float = 0.09
         typical_delta: float = 0.3
@@ -163,7 +165,7 @@ class Medusa(DrafterPlugin):
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
         cfg = context.model.config
-        path = Path(self.options.heads).expanduser()
+        path = self.options.heads
         self.heads, meta = MedusaHeads.load(path, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
         self.heads.to(device=context.device, dtype=context.dtype)
         self.lm_head = context.model.lm_head
