@@ -3,9 +3,16 @@
 Per-request metrics (outcomes, tokens, latency histograms) are recorded by the engine threads as requests
 produce tokens and finish. Engine state (running / waiting requests, KV usage, prefix-cache counters,
 preemptions, batch utilization, speculative decoding) is read from ``Pipeline.stats()`` on each engine
-thread when ``/metrics`` is scraped, so every value is measured at scrape time.
+thread when ``/metrics`` is scraped, so every value is measured at scrape time. The generation rate is
+the tokens the engine threads produced in the last ``TOKEN_RATE_WINDOW_S`` seconds over that window, so it
+decays to 0 when the server is idle.
 """
 from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,6 +29,41 @@ SPEC_DRAFT_KEYS = ("draft_tokens", "num_draft_tokens", "proposed_tokens")
 SPEC_ACCEPTED_KEYS = ("accepted_tokens", "num_accepted_tokens")
 
 
+TOKEN_RATE_WINDOW_S = 10.0
+
+
+class SlidingRate:
+    """Counts per second over the last ``window_s`` seconds: ``rate(now)`` is the sum of the counts added in
+    ``(now - window_s, now]`` divided by ``window_s``, so it falls to 0 once nothing was added for a window.
+    Times are passed in (any monotonic clock); ``add`` and ``rate`` may run on different threads."""
+
+    def __init__(self, window_s: float = TOKEN_RATE_WINDOW_S) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0 seconds, got {window_s}")
+        self.window_s = float(window_s)
+        self._events: deque[tuple[float, int]] = deque()
+        self._sum = 0
+        self._lock = threading.Lock()
+
+    def add(self, count: int, now: float) -> None:
+        if count <= 0:
+            return
+        with self._lock:
+            self._events.append((now, count))
+            self._sum += count
+            self._expire(now)
+
+    def rate(self, now: float) -> float:
+        with self._lock:
+            self._expire(now)
+            return self._sum / self.window_s
+
+    def _expire(self, now: float) -> None:
+        start = now - self.window_s
+        while self._events and self._events[0][0] <= start:
+            self._sum -= self._events.popleft()[1]
+
+
 def _first(d: dict, keys: tuple[str, ...]) -> float:
     for k in keys:
         if k in d:
@@ -32,7 +74,8 @@ def _first(d: dict, keys: tuple[str, ...]) -> float:
 class EngineCollector:
     """Turns the latest ``Pipeline.stats()`` snapshot of each pipeline into metric families."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens_per_second: Callable[[str], float]) -> None:
+        self.tokens_per_second = tokens_per_second
         self.snapshots: dict[str, dict] = {}
         self.states: dict[str, str] = {}
         self.queued: dict[str, int] = {}
@@ -66,7 +109,8 @@ class EngineCollector:
                                  "Scheduled tokens / step token budget over the engine's recent steps (0-1).",
                                  labels=["pipeline"])
         tps = GaugeMetricFamily("tokenmill_generation_tokens_per_second",
-                                "Generated tokens per second over the engine's recent steps.", labels=["pipeline"])
+                                f"Tokens generated in the last {TOKEN_RATE_WINDOW_S:g} s, per second (0 when idle).",
+                                labels=["pipeline"])
         steps = CounterMetricFamily("tokenmill_engine_steps", "Engine steps run.", labels=["pipeline"])
         sd = CounterMetricFamily("tokenmill_spec_decode_num_draft_tokens",
                                  "Draft tokens proposed by speculative decoding.", labels=["pipeline"])
@@ -76,6 +120,7 @@ class EngineCollector:
                                   labels=["pipeline"])
         for name, state in self.states.items():
             ready.add_metric([name], 1.0 if state == "ready" else 0.0)
+            tps.add_metric([name], self.tokens_per_second(name))
         for name, q in self.queued.items():
             queued.add_metric([name], q)
         for name, s in self.snapshots.items():
@@ -91,7 +136,6 @@ class EngineCollector:
             ph.add_metric([name], kv.get("prefix_hits_tokens", 0))
             pre.add_metric([name], s.get("preemptions", 0))
             util.add_metric([name], s.get("batch_utilization", 0.0))
-            tps.add_metric([name], s.get("tokens_per_s", 0.0))
             steps.add_metric([name], s.get("steps", 0))
             sd.add_metric([name], _first(spec, SPEC_DRAFT_KEYS))
             sa.add_metric([name], _first(spec, SPEC_ACCEPTED_KEYS))
@@ -102,7 +146,11 @@ class EngineCollector:
 class ServeMetrics:
     """Every metric of one app, in ``self.registry``."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # for the token-rate window; tests replace it
+        self.token_rate_window_s = TOKEN_RATE_WINDOW_S
+        self._rates: dict[str, SlidingRate] = {}
         r = self.registry = registry if registry is not None else CollectorRegistry()
         p = ["pipeline"]
         self.requests = Counter("tokenmill_requests", "Generation requests by outcome: stop, length, error "
@@ -127,5 +175,16 @@ class ServeMetrics:
                                buckets=LATENCY_BUCKETS, registry=r)
         self.http = Counter("tokenmill_http_requests", "HTTP requests by route, method and status code.",
                             ["route", "method", "status"], registry=r)
-        self.engine = EngineCollector()
+        self.engine = EngineCollector(self.tokens_per_second)
         r.register(self.engine)
+
+    def record_generated(self, pipeline: str, count: int) -> None:
+        """``count`` tokens were generated by ``pipeline`` just now (called by its engine thread each step)."""
+        rate = self._rates.get(pipeline)
+        if rate is None:
+            rate = self._rates.setdefault(pipeline, SlidingRate(self.token_rate_window_s))
+        rate.add(count, self.clock())
+
+    def tokens_per_second(self, pipeline: str) -> float:
+        rate = self._rates.get(pipeline)
+        return 0.0 if rate is None else rate.rate(self.clock())

@@ -385,6 +385,7 @@ class EngineWorker:
     def _dispatch(self, chunks) -> None:
         now = time.perf_counter()
         m = self._m
+        generated = 0
         for chunk in chunks:
             h = self._handles.get(chunk.request_id)
             if h is None:  # the final chunk of a request aborted (and collected) earlier
@@ -401,12 +402,15 @@ class EngineWorker:
                         m["itl"].observe(gap)
                 h.last_token = now
                 h.num_tokens += n
+                generated += n
             if chunk.finished:
                 out = chunk.output
                 self._finish(h, chunk.text, n, out.finish_reason if out is not None else "error",
                              error=out.error if out is not None else "no output", now=now)
             elif h.stream and (chunk.text or n):
                 self._out.append((h, Delta(h, chunk.text, n)))
+        if generated and self.metrics is not None:
+            self.metrics.record_generated(self.name, generated)
 
     def _finish(self, h: RequestHandle, text: str, n: int, reason: str, *, error: str | None = None,
                 now: float | None = None) -> None:

@@ -111,3 +111,39 @@ def test_burst_admits_free_slots_plus_max_queued(spare_pipeline):
     assert len(refused) == 18 and all(r.status_code == 503 for r in refused)
     assert all(r.json()["error"]["code"] == "queue_full" for r in refused)
     assert sorted(r.status_code for r in answers) == [200] * 12 + [503] * 18
+
+
+def test_token_rate_gauge_counts_the_last_window_and_decays_to_zero(make_server, spare_pipeline):
+    """tokenmill_generation_tokens_per_second = tokens generated in the last window / window, so an idle server
+    reads 0 (it used to report the engine's last steps' rate forever: 14-115 tok/s while idle)."""
+    from tests.serve.helpers import metric
+
+    run = make_server([spare_pipeline])
+    now = [1000.0]
+    metrics = run.app.state.metrics
+    metrics.clock = lambda: now[0]  # the window's clock: no sleeps
+    with run.client() as c:
+        r = c.post("/v1/generate/batch", json={"prompts": [PROMPT, "Hello"], "max_tokens": 12, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["tokens_generated"] == 24
+        busy = metric(c.get("/metrics").text, "tokenmill_generation_tokens_per_second", pipeline="spare")
+        now[0] += 3600.0  # an hour later, nothing generated since
+        idle = metric(c.get("/metrics").text, "tokenmill_generation_tokens_per_second", pipeline="spare")
+    assert idle == 0.0, f"the token rate reads {idle} tok/s on an idle server"
+    assert busy == pytest.approx(24 / metrics.token_rate_window_s)
+
+
+def test_sliding_rate_counts_the_window_only():
+    from tokenmill.serve.metrics import SlidingRate
+
+    rate = SlidingRate(window_s=10.0)
+    assert rate.rate(0.0) == 0.0
+    rate.add(30, now=1.0)
+    rate.add(20, now=6.0)
+    assert rate.rate(6.0) == pytest.approx(5.0)
+    assert rate.rate(10.9) == pytest.approx(5.0)
+    assert rate.rate(11.0) == pytest.approx(2.0)   # the 30 tokens at t=1 left the window (1, 11]
+    assert rate.rate(16.0) == 0.0
+    rate.add(0, now=17.0)
+    assert rate.rate(17.0) == 0.0
+    with pytest.raises(ValueError, match="window_s must be > 0"):
+        SlidingRate(window_s=0)
