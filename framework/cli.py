@@ -119,12 +119,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from tokenmill import Pipeline
-    from tokenmill.evaluate import pipeline_perplexity
+    import time
 
+    from tokenmill import Pipeline
+    from tokenmill.evaluate import (DEFAULT_TOKENS, HELDOUT_TOKENS, pipeline_perplexity, progress_line,
+                                    strided_windows)
+
+    tokens = HELDOUT_TOKENS if args.full else args.tokens or DEFAULT_TOKENS
     pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
-    tick = None if args.quiet else (lambda done, total: print(f"\r{done}/{total} tokens", end="", file=sys.stderr))
-    res = pipeline_perplexity(pipe, num_tokens=args.tokens, window=args.window, stride=args.stride, progress=tick)
+    tick = None
+    if not args.quiet:
+        window = min(args.window, pipe.limits.max_model_len)
+        windows = len(strided_windows(tokens + 1, window, min(args.stride, window)))
+        print(f"scoring {tokens} tokens in {windows} windows of {window}"
+              + ("" if args.full else f" (--full: all {HELDOUT_TOKENS})"), file=sys.stderr)
+        t0 = time.perf_counter()
+        tick = (lambda done, total: print(f"\r{progress_line(done, total, time.perf_counter() - t0)}", end="",
+                                          file=sys.stderr, flush=True))
+    res = pipeline_perplexity(pipe, num_tokens=tokens, window=args.window, stride=args.stride, progress=tick)
     if tick:
         print(file=sys.stderr)
     print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens ({res['windows']} windows of "
@@ -210,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = ev_sub.add_parser("perplexity", help="perplexity on held-out English shipped with Python "
                                                "(pydoc_data.topics), through the pipeline's loaded model")
     ppl.add_argument("pipeline")
-    ppl.add_argument("--tokens", type=int, default=20480, help="scored tokens (a fixed slice; default 20480)")
+    size = ppl.add_mutually_exclusive_group()
+    size.add_argument("--tokens", type=int, default=None,
+                      help="scored tokens, a fixed slice from the start (default 4096: a minute or two on CPU)")
+    size.add_argument("--full", action="store_true", help="score the whole held-out slice (20480 tokens)")
     ppl.add_argument("--window", type=int, default=1024, help="tokens per forward window")
     ppl.add_argument("--stride", type=int, default=512, help="tokens the window advances by")
     ppl.add_argument("--json", default=None, help="also write the result to this JSON file")

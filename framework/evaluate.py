@@ -15,7 +15,8 @@ import time
 
 import torch
 
-HELDOUT_TOKENS = 20480  # the default evaluation slice; GPTQ calibrates on the text after it (quant/calibration.py)
+HELDOUT_TOKENS = 20480  # the full evaluation slice; GPTQ calibrates on the text after it (quant/calibration.py)
+DEFAULT_TOKENS = 4096   # `tokenmill eval perplexity` without --full: its first 4096 tokens (~1-2 min, 135M, 2 cores)
 
 
 def heldout_text() -> str:
@@ -33,6 +34,19 @@ def heldout_tokens(tokenizer, num_tokens: int) -> list[int]:
     return ids[:num_tokens + 1]
 
 
+def strided_windows(total: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, new)`` per window over ``total`` tokens: ``data[begin:end]`` is run and its last ``new``
+    tokens are scored. Every scored token has at least one token of context inside its window (so with
+    ``stride == window`` a window starts one token before the previous one ended)."""
+    out, prev_end, begin = [], 1, 0  # the first token is context only
+    while prev_end < total:
+        begin = min(begin, prev_end - 1)
+        end = min(begin + window, total)
+        out.append((begin, end, end - prev_end))
+        prev_end, begin = end, begin + stride
+    return out
+
+
 @torch.inference_mode()
 def perplexity(model, ids: list[int], *, window: int = 1024, stride: int = 512, progress=None) -> dict:
     """Strided-window perplexity of ``model`` (a transformers causal LM) over ``ids``.
@@ -46,27 +60,28 @@ def perplexity(model, ids: list[int], *, window: int = 1024, stride: int = 512, 
     data = torch.tensor(ids, dtype=torch.long, device=device)
     total = data.numel()
     nll, scored, windows = 0.0, 0, 0
-    prev_end = 1  # the first token is context only
     t0 = time.perf_counter()
-    begin = 0
-    while prev_end < total:
-        end = min(begin + window, total)
-        chunk = data[begin:end]
-        n_new = end - prev_end  # targets chunk[-n_new:], predicted from positions [-n_new-1, -1)
+    for begin, end, n_new in strided_windows(total, window, stride):
+        chunk = data[begin:end]  # targets chunk[-n_new:], predicted from positions [-n_new-1, -1)
         logits = model(chunk[None], logits_to_keep=n_new + 1).logits[0, :-1].float()
-        targets = chunk[-n_new:]
-        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(logits, chunk[-n_new:], reduction="sum").item()
         scored += n_new
         windows += 1
-        prev_end = end
-        begin += stride
         if progress is not None:
             progress(scored, total - 1)
     return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "tokens": scored, "windows": windows,
             "window": window, "stride": stride, "seconds": time.perf_counter() - t0}
 
 
-def pipeline_perplexity(pipe, *, num_tokens: int = HELDOUT_TOKENS, window: int = 1024, stride: int = 512,
+def progress_line(done: int, total: int, seconds: float) -> str:
+    """``2048/4096 tokens (50%), 31 s, about 31 s left`` (the estimate once a window is done)."""
+    line = f"{done}/{total} tokens ({100 * done // max(total, 1)}%), {seconds:.0f} s"
+    if 0 < done < total:
+        line += f", about {seconds * (total - done) / done:.0f} s left"
+    return line
+
+
+def pipeline_perplexity(pipe, *, num_tokens: int = DEFAULT_TOKENS, window: int = 1024, stride: int = 512,
                         progress=None) -> dict:
     """Perplexity of a built :class:`tokenmill.Pipeline`'s model (as loaded and quantized) on the held-out slice."""
     window = min(window, pipe.limits.max_model_len)

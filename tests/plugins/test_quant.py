@@ -469,3 +469,34 @@ def test_gptq_true_sequential_follows_the_blocks_call_order(tiny_qwen_dir, token
     assert torch.equal(out[True][first].dequantize(), out[False][first].dequantize())  # nothing before q/k/v
     down = f"{prefix}.0.mlp.down_proj"
     assert not torch.equal(out[True][down].dequantize(), out[False][down].dequantize())
+
+
+def test_cli_perplexity_default_slice_is_short_and_shows_progress(tiny_qwen_dir, tmp_path, capsys):
+    import yaml
+
+    from tokenmill.cli import build_parser, main
+    from tokenmill.evaluate import DEFAULT_TOKENS, HELDOUT_TOKENS
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_pipeline_dict(tiny_qwen_dir)))
+    out_json = tmp_path / "ppl.json"
+    assert main(["eval", "perplexity", str(path), "--window", "256", "--stride", "128", "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())
+    assert res["tokens"] == DEFAULT_TOKENS == 4096 and res["windows"] == 32
+    err = capsys.readouterr().err
+    assert f"scoring 4096 tokens in 32 windows of 256 (--full: all {HELDOUT_TOKENS})" in err
+    assert "255/4096 tokens (6%)" in err and "s left" in err and "4096/4096 tokens (100%)" in err
+    assert build_parser().parse_args(["eval", "perplexity", "p.yaml", "--full"]).full
+    with pytest.raises(SystemExit):  # a slice size and --full together
+        build_parser().parse_args(["eval", "perplexity", "p.yaml", "--full", "--tokens", "10"])
+
+
+def test_perplexity_windows_score_every_token_once_with_context():
+    from tokenmill.evaluate import strided_windows
+
+    for total, window, stride in ((4097, 256, 256), (4097, 256, 128), (300, 128, 1), (10, 64, 64), (2, 2, 2)):
+        spans = strided_windows(total, window, stride)
+        assert sum(new for _, _, new in spans) == total - 1, (total, window, stride)
+        for b, e, new in spans:
+            assert e - b <= window and 1 <= new <= e - b - 1  # every target has a token of context in the window
+        assert [e for _, e, _ in spans][-1] == total
