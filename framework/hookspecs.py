@@ -3,7 +3,8 @@
 Call convention: the engine always calls hooks with keyword arguments. "Choose one" hooks are
 ``firstresult``: plugins are asked in order (YAML order, then built-in defaults, which register
 ``trylast``) and the first non-None result wins, so a plugin can decline by returning None.
-Implement a hook with :data:`tokenmill.hookimpl`; a plugin implements any subset.
+Implement a hook with :data:`tokenmill.hookimpl`; a plugin implements any subset. An exception leaving an
+implementation is reported naming the plugin and the hook (the rule: docs/architecture.md, "Error handling").
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def schedule(state):
         ``num_new_tokens`` between 1 and its uncomputed tokens (less than all = chunked prefill); the
         total must not exceed ``limits.max_num_batched_tokens`` (a single prompt may exceed it only when
         the scheduler does not chunk and schedules it alone). First non-None result wins.
+    :raises: nothing on purpose: if it raises, every request it was shown finishes with an error naming the
+        plugin and its KV is freed; the engine carries on with later requests.
     """
 
 
@@ -151,7 +154,8 @@ def step_end(stats):
     """Observe a finished engine step (timing, metrics, tracing).
 
     :param stats: :class:`tokenmill.hooktypes.StepStats` measured for the step.
-    :return: None. Every implementation is called.
+    :return: None. Every implementation is called, even after one raises; each failure is a
+        ``RuntimeWarning`` naming the plugin, and no request fails for it.
     """
 
 

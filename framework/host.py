@@ -12,6 +12,7 @@ The engine's defaults (``DEFAULT_PLUGINS``) are exempt from the allow and deny l
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as md
 import os
@@ -100,21 +101,140 @@ def instantiate(obj: Any, options: Any) -> Any:
     return obj(options) if isinstance(obj, type) else obj
 
 
+@dataclass(slots=True)
+class HookFailure:
+    """One hook implementation that raised: the plugin's name, the hook, and the exception.
+
+    ``str()`` is the message tokenmill reports: ``plugin 'NAME' failed in HOOK: Type: message``.
+    """
+
+    plugin: str | None
+    hook: str
+    error: BaseException
+
+    def __str__(self) -> str:
+        who = f"plugin '{self.plugin}'" if self.plugin is not None else "a plugin"
+        return f"{who} failed in {self.hook}: {type(self.error).__name__}: {self.error}"
+
+
+_FAILURE_ATTR = "__tokenmill_failure__"
+
+
+def blame(exc: BaseException, hook: str) -> HookFailure:
+    """Which plugin ``exc`` came from: the innermost hook implementation it left (a KV plugin's
+    ``allocate_kv`` called from a scheduler, say, rather than the scheduler). ``hook`` is the hook the caller
+    called, used when no implementation raised it (the plugin is then unknown)."""
+    found = getattr(exc, _FAILURE_ATTR, None)
+    return found if found is not None else HookFailure(None, hook, exc)
+
+
+def _mark(exc: Exception, plugin: str, hook: str) -> HookFailure:
+    found = getattr(exc, _FAILURE_ATTR, None)
+    if found is None:
+        found = HookFailure(plugin, hook, exc)
+        try:
+            setattr(exc, _FAILURE_ATTR, found)
+            exc.add_note(f"(raised by plugin '{plugin}' in the {hook} hook)")
+        except (AttributeError, TypeError):  # an exception type that takes no attributes stays unnamed
+            pass
+    return found
+
+
+def _display_name(plugin: Any, name: str | None) -> str:
+    if name is not None:
+        return name.partition(":")[2] if name.startswith(("default:", "autoload:")) else name
+    return getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or type(plugin).__name__
+
+
 class _PipelinePluginManager(pluggy.PluginManager):
     """A PluginManager where plugins named by the pipeline are ordered by the pipeline alone.
 
-    Their own tryfirst/trylast marks are dropped; built-in defaults keep theirs (trylast).
+    Their own tryfirst/trylast marks are dropped; built-in defaults keep theirs (trylast). Every hook
+    implementation registered here is wrapped so that an exception leaving it records the plugin and hook
+    (:func:`blame`), and so that :func:`call_each` can run the remaining implementations of an observer hook
+    after one fails. For choose-one hooks it also records which plugin answered (:func:`answered_by`).
     """
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.named_ids: set[int] = set()
+        self.isolated: dict[str, list[HookFailure]] = {}  # hook -> failures, while call_each runs it
+        self.answered: dict[str, str] = {}  # choose-one hook -> the plugin whose answer was taken last
 
     def parse_hookimpl_opts(self, plugin, name):
         opts = super().parse_hookimpl_opts(plugin, name)
         if opts is not None and id(plugin) in self.named_ids:
             opts = dict(opts, tryfirst=False, trylast=False)
         return opts
+
+    def register(self, plugin, name=None):
+        registered = super().register(plugin, name)
+        if registered is not None:
+            label = _display_name(plugin, name)
+            for caller in self.get_hookcallers(plugin) or []:
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function = self._watched(impl.function, label, caller.name,
+                                                      impl.wrapper or impl.hookwrapper)
+        return registered
+
+    def _watched(self, fn, plugin: str, hook: str, wrapper: bool):
+        if wrapper:  # a generator: pluggy drives it around the other implementations
+            @functools.wraps(fn)
+            def watched_wrapper(*args):
+                try:
+                    return (yield from fn(*args))
+                except Exception as exc:
+                    _mark(exc, plugin, hook)
+                    raise
+            return watched_wrapper
+
+        firstresult = hook in FIRSTRESULT_HOOKS
+
+        @functools.wraps(fn)
+        def watched(*args):
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                failure = _mark(exc, plugin, hook)
+                sink = self.isolated.get(hook)
+                if sink is None:
+                    raise
+                sink.append(failure)  # call_each: report it and let the next implementation run
+                return None
+            if firstresult and result is not None:
+                self.answered[hook] = plugin
+            return result
+        return watched
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[HookFailure]:
+    """Call an observer hook so that every implementation runs, even after one raises.
+
+    :return: one :class:`HookFailure` per implementation that raised, in call order (empty when none did).
+        A manager not made by :func:`make_plugin_manager` stops at the first failure, as pluggy does.
+    """
+    failures: list[HookFailure] = []
+    isolated = getattr(pm, "isolated", None)
+    outer = isolated.get(hook) if isolated is not None else None
+    if isolated is not None:
+        isolated[hook] = failures
+    try:
+        getattr(pm.hook, hook)(**kwargs)
+    except Exception as exc:  # a wrapper raised, or the manager does not isolate implementations
+        failures.append(blame(exc, hook))
+    finally:
+        if isolated is not None:
+            if outer is None:
+                del isolated[hook]
+            else:
+                isolated[hook] = outer
+    return failures
+
+
+def answered_by(pm: pluggy.PluginManager, hook: str) -> str | None:
+    """The plugin whose answer to the choose-one ``hook`` was taken most recently (None when unknown)."""
+    return getattr(pm, "answered", {}).get(hook)
 
 
 def call_order(names: list[str], impls: dict[str, list[str]], order: dict[str, list[str]]) -> list[str]:

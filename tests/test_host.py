@@ -76,6 +76,18 @@ class NotAutoloaded(AutoObserver):
     autoload = False
 
 
+class Broken(Plugin):
+    """Raises from ``configure`` and ``step_end``."""
+
+    @hookimpl
+    def configure(self, context):
+        raise RuntimeError("configure bug")
+
+    @hookimpl
+    def step_end(self, stats):
+        raise KeyError(stats)
+
+
 def empty_state() -> ScheduleInput:
     """A step with nothing to do: the built-in FCFS answers it without touching the KV handle."""
     return ScheduleInput(waiting=(), running=(), limits=SchedulerLimits(4, 64, 128), kv=None, now=0.0)
@@ -288,6 +300,29 @@ def test_disable_autoload_env(monkeypatch, value):
     pm = make_plugin_manager([], catalog=catalog_with(auto_observer=AutoObserver))
     assert pm.get_plugin("autoload:auto_observer") is None
     assert pm.get_plugin("default:fcfs") is not None
+
+
+# ----------------------------------------------------------------------------------------- failures
+def test_an_exception_leaving_a_hook_names_its_plugin_and_hook():
+    pm = make_plugin_manager([("broken", Broken())])
+    with pytest.raises(RuntimeError, match="configure bug") as info:
+        pm.hook.configure(context=None)  # outside call_each: raised as pluggy does, tagged
+    failure = host.blame(info.value, "configure")
+    assert (failure.plugin, failure.hook) == ("broken", "configure")
+    assert str(failure) == "plugin 'broken' failed in configure: RuntimeError: configure bug"
+    assert "(raised by plugin 'broken' in the configure hook)" in info.value.__notes__
+    assert host.blame(ValueError("x"), "schedule").plugin is None  # not from a hook implementation
+
+
+def test_call_each_runs_every_observer_and_returns_every_failure():
+    first, last = AutoObserver(), AutoObserver()
+    pm = make_plugin_manager([("first", first), ("broken_a", Broken()), ("broken_b", Broken()), ("last", last)])
+    failures = host.call_each(pm, "step_end", stats="s")
+    assert [(f.plugin, f.hook, type(f.error)) for f in failures] == [("broken_a", "step_end", KeyError),
+                                                                      ("broken_b", "step_end", KeyError)]
+    assert first.seen == ["s"] and last.seen == ["s"]
+    with pytest.raises(KeyError):  # a plain hook call keeps pluggy's behaviour
+        pm.hook.step_end(stats="t")
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -14,6 +14,7 @@ from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
 from tokenmill.model import ModelRunner
 from tokenmill.hooktypes import Draft, ScheduleInput, SchedulerLimits, StepStats, VerifyInput
+from tokenmill.host import HookFailure, answered_by, blame, call_each
 from tokenmill.params import SamplingParams
 from tokenmill.sampling import tree_path
 from tokenmill.sequence import Sequence, SeqStatus
@@ -77,7 +78,6 @@ class Engine:
         self.step_count = 0
         self.idle = False  # the last step scheduled nothing
         self._outbox: dict[str, StreamChunk] = {}  # chunks of requests finished between steps (abort)
-        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -132,8 +132,16 @@ class Engine:
         """Run one engine step; return the new output of every request that produced some or finished."""
         t0 = time.perf_counter()
         chunks, self._outbox = self._outbox, {}
-        plan = self.hook.schedule(state=ScheduleInput(tuple(self.waiting), tuple(self.running), self.limits,
-                                                      self.kv, t0))
+        shown = (tuple(self.waiting), tuple(self.running))
+        try:
+            plan = self.hook.schedule(state=ScheduleInput(*shown, self.limits, self.kv, t0))
+            assert plan is not None, "no plugin answered schedule"
+        except Exception as exc:  # whom it had scheduled is unknown: fail what it saw, free its KV, carry on
+            error = str(blame(exc, "schedule"))
+            for seq in shown[0] + shown[1]:
+                self._finish(seq, "error", error=error, chunks=chunks)
+            self.idle = False
+            return list(chunks.values())
         for seq, reason in plan.rejected:
             self._finish(seq, "error", error=reason, chunks=chunks)
         for seq in plan.preempted:
@@ -179,7 +187,7 @@ class Engine:
                 row += 1 + len(d)
         except Exception as exc:  # a failing forward fails its step's requests, never the engine
             for s in plan.scheduled:
-                self._finish(s.seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+                self._finish(s.seq, "error", error=self._error(exc), chunks=chunks)
             return list(chunks.values())
         accepted = self._verify(verify, chunks) if producing else []
         forward_s = time.perf_counter() - t_fwd
@@ -217,17 +225,15 @@ class Engine:
                 if drafted and not seq.is_finished:
                     self.hook.trim_kv(seq=seq)
             except Exception as exc:
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+                self._finish(seq, "error", error=self._error(exc), chunks=chunks)
         self.step_count += 1
         stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
                           forward_s, len(plan.preempted), len(self.running), len(self.waiting), num_draft,
                           num_accepted)
         self.stats.on_step(stats)
-        try:
-            self.hook.step_end(stats=stats)
-        except Exception as exc:  # an observer must not break serving
-            self._warn_once("step_end", exc)
+        for failure in call_each(self.pm, "step_end", stats=stats):  # an observer never breaks a step
+            self._warn(failure, "its step_end is skipped for this step")
         return list(chunks.values())
 
     def _verify(self, verify: VerifyInput, chunks: dict[str, StreamChunk]) -> list[list[int]]:
@@ -248,7 +254,7 @@ class Engine:
             try:
                 accepted.append(self.hook.verify_tokens(batch=one)[0])
             except Exception as exc:
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", chunks=chunks)
+                self._finish(seq, "error", error=self._error(exc), chunks=chunks)
                 accepted.append([])
         return accepted
 
@@ -272,11 +278,17 @@ class Engine:
                              chunks=chunks)
         return paths
 
-    def _warn_once(self, hook: str, exc: Exception) -> None:
-        if hook not in self._warned:
-            self._warned.add(hook)
-            warnings.warn(f"a plugin's {hook} hook failed ({type(exc).__name__}: {exc}); continuing without it",
-                          RuntimeWarning, stacklevel=3)
+    @staticmethod
+    def _error(exc: Exception) -> str:
+        """A failed request's error: ``plugin 'NAME' failed in HOOK: Type: message`` when a hook raised it."""
+        failure = blame(exc, "")
+        return str(failure) if failure.plugin is not None else f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _warn(failure: HookFailure, consequence: str) -> None:
+        """Report a hook failure that costs no request: a RuntimeWarning naming the plugin, every time (the
+        warnings filters decide what is shown; by default each distinct message once)."""
+        warnings.warn(f"{failure}; {consequence}", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- helpers
     def _propose(self, seqs: list[Sequence]) -> list[Draft]:
@@ -286,7 +298,7 @@ class Engine:
         try:
             proposals = self.hook.propose_tokens(seqs=seqs)
         except Exception as exc:  # a failing drafter costs speed, not requests
-            self._warn_once("propose_tokens", exc)
+            self._warn(blame(exc, "propose_tokens"), "this step runs without drafts")
             proposals = None
         if proposals is None:
             return [Draft([]) for _ in seqs]
@@ -298,7 +310,8 @@ class Engine:
             try:
                 d = d.cut(room)
             except ValueError as exc:  # a malformed draft costs speed, not the request
-                self._warn_once("propose_tokens", exc)
+                self._warn(HookFailure(answered_by(self.pm, "propose_tokens"), "propose_tokens", exc),
+                           "its draft is dropped for this step")
                 d = Draft([])
             k = len(d.tokens)
             if k and not self.kv.allocate(seq, seq.num_uncomputed_tokens + k):
@@ -350,10 +363,16 @@ class Engine:
             chunk.text += seq.text[seq.emitted_len:upto]
             seq.emitted_len = upto
 
+    def _free(self, seq: Sequence, reusable: bool = True) -> None:
+        """Give ``seq``'s KV back through every ``free_kv`` implementation, even if one of them raises."""
+        for failure in call_each(self.pm, "free_kv", seq=seq, reusable=reusable):
+            self._warn(failure, f"request '{seq.request_id}' may keep KV blocks it held")
+        seq.block_table = []
+
     def _preempt(self, seq: Sequence) -> None:
         if seq.status is not SeqStatus.RUNNING:  # only running sequences can be preempted
             return
-        self.kv.free(seq)
+        self._free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
@@ -369,7 +388,7 @@ class Engine:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq, reusable=reason != "error")
+        self._free(seq, reusable=reason != "error")
         if flush:
             seq.text += seq.detok.flush()
         seq.status = SeqStatus.FINISHED
