@@ -69,12 +69,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from tokenmill.host import DEFAULT_PLUGINS, discover_plugins, hooks_implemented
+    from tokenmill.host import DEFAULT_PLUGINS, discover_plugins, hooks_implemented, hooks_wrapped
 
     rows = []
     for name, entry in sorted(discover_plugins().items()):
         try:
-            hooks = ", ".join(hooks_implemented(entry.load()))
+            obj = entry.load()
+            hooks = ", ".join(sorted(hooks_implemented(obj) + [f"{h} (wrapper)" for h in hooks_wrapped(obj)]))
         except Exception as exc:  # a broken third-party plugin is listed, not fatal
             hooks = f"<failed to load: {type(exc).__name__}: {exc}>"
         mark = " (default)" if name in DEFAULT_PLUGINS else ""
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     bench.set_defaults(func=_cmd_bench)
-    plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement")
+    plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement (wrappers marked)")
     plug.set_defaults(func=_cmd_plugins)
     return parser
 

@@ -87,13 +87,32 @@ def discover_plugins() -> dict[str, PluginEntry]:
     }
 
 
+def _hook_impls(plugin: Any) -> list[tuple[str, dict]]:
+    """``(hook name, hookimpl options)`` for each tokenmill hook implementation of a plugin (``specname``
+    honoured)."""
+    found = []
+    for attr in dir(plugin):
+        if attr.startswith("_"):
+            continue
+        opts = getattr(getattr(plugin, attr, None), "tokenmill_impl", None)
+        if not isinstance(opts, dict):
+            continue
+        hook = opts.get("specname") or attr
+        if hasattr(hookspecs, hook):
+            found.append((hook, opts))
+    return found
+
+
 def hooks_implemented(plugin: Any) -> list[str]:
-    """Names of the tokenmill hooks a plugin (class, instance or module) implements."""
-    return sorted(
-        name for name in dir(plugin)
-        if not name.startswith("_") and hasattr(hookspecs, name)
-        and getattr(getattr(plugin, name, None), "tokenmill_impl", None) is not None
-    )
+    """Names of the tokenmill hooks a plugin (class, instance or module) answers: its implementations that
+    are not wrappers. Only these count for the ``order`` rule of choose-one hooks."""
+    return sorted(h for h, opts in _hook_impls(plugin) if not (opts.get("wrapper") or opts.get("hookwrapper")))
+
+
+def hooks_wrapped(plugin: Any) -> list[str]:
+    """Names of the tokenmill hooks a plugin wraps (``hookimpl(wrapper=True)`` or ``hookwrapper=True``):
+    it runs around the other implementations and never counts as answering."""
+    return sorted(h for h, opts in _hook_impls(plugin) if opts.get("wrapper") or opts.get("hookwrapper"))
 
 
 def instantiate(obj: Any, options: Any) -> Any:
@@ -241,7 +260,7 @@ def call_order(names: list[str], impls: dict[str, list[str]], order: dict[str, l
     """The order in which named plugins are asked, from the YAML list and its ``order:`` constraints.
 
     :param names: plugin names as listed in the pipeline.
-    :param impls: for each name, the hooks it implements.
+    :param impls: for each name, the hooks it answers (:func:`hooks_implemented`: wrappers do not count).
     :param order: hook name -> plugin names, first asked first.
     :raises PipelineError: two plugins answer one firstresult hook and ``order`` does not rank them, or the
         constraints contradict each other.

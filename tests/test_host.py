@@ -76,6 +76,20 @@ class NotAutoloaded(AutoObserver):
     autoload = False
 
 
+class Timer(Plugin):
+    """Wraps ``schedule`` (``wrapper=True``): it sees the answer but does not give one."""
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.answers: list = []
+
+    @hookimpl(wrapper=True)
+    def schedule(self, state):
+        answer = yield
+        self.answers.append(answer)
+        return answer
+
+
 class Broken(Plugin):
     """Raises from ``configure`` and ``step_end``."""
 
@@ -248,6 +262,19 @@ def test_unordered_claimants_are_refused():
         make_plugin_manager([("a", Answer("a")), ("b", Answer("b"))])
 
 
+def test_a_wrapper_does_not_count_as_answering_a_choose_one_hook(extra_plugins, monkeypatch):
+    from tokenmill import load_spec
+
+    timer = Timer()
+    pm = make_plugin_manager([("timer", timer), ("a", Answer("from-a"))])  # no `order` needed
+    assert pm.hook.schedule(state=empty_state()) == "from-a"
+    assert timer.answers == ["from-a"]
+    assert hooks_implemented(Timer) == [] and host.hooks_wrapped(Timer) == ["schedule"]
+    monkeypatch.setitem(host.BUILTIN_PLUGINS, "timer", f"{__name__}:Timer")
+    spec = load_spec({"model": "m", "plugins": ["timer", "extra_a"]})
+    assert [p.name for p in spec.plugins] == ["timer", "extra_a"]
+
+
 def test_contradicting_order_is_refused():
     with pytest.raises(PipelineError, match="contradict"):
         host.call_order(["a", "b"], {"a": ["schedule", "verify_tokens"], "b": ["schedule", "verify_tokens"]},
@@ -351,6 +378,15 @@ def test_cli_plugins_lists_a_broken_plugin_without_failing(capsys, monkeypatch):
     rows = plugin_rows(capsys.readouterr().out)
     assert rows["broken"][1].startswith("<failed to load: ModuleNotFoundError")
     assert "fcfs (default)" in rows
+
+
+def test_cli_plugins_marks_wrappers(capsys, monkeypatch):
+    monkeypatch.setitem(host.BUILTIN_PLUGINS, "timer", f"{__name__}:Timer")
+    monkeypatch.setitem(host.BUILTIN_PLUGINS, "broken", f"{__name__}:Broken")
+    assert main(["plugins"]) == 0
+    rows = plugin_rows(capsys.readouterr().out)
+    assert rows["timer"][1] == "schedule (wrapper)"
+    assert rows["broken"][1] == "configure, step_end"
 
 
 def test_cli_validate_default_pipeline(capsys):
