@@ -202,3 +202,15 @@ def configure(context):
     :param context: :class:`tokenmill.hooktypes.PipelineContext`.
     :return: None. Every implementation is called.
     """
+
+
+@hookspec
+def shutdown():
+    """Release what the plugin holds (files, threads, device memory), once, when the pipeline is closed.
+
+    Called by ``Pipeline.close()`` (also on leaving ``with pipeline:``) after the requests still in flight
+    were aborted; never called twice for one pipeline, which then takes no new requests.
+
+    :return: None. Every implementation is called, even after one raises; each failure is a
+        ``RuntimeWarning`` naming the plugin.
+    """

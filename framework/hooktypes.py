@@ -22,7 +22,10 @@ class KVHandle(Protocol):
     """The engine's view of the KV cache offered to schedulers.
 
     It routes to the ``allocate_kv`` / ``free_kv`` hooks, so a scheduler never knows which KV plugin runs.
+    ``block_size`` is the pool's tokens per block (``max_model_len`` for the one-row-per-sequence default).
     """
+
+    block_size: int
 
     def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
         """Reserve slots for ``num_new_tokens`` more tokens of ``seq`` (after ``num_cached_tokens`` reused
@@ -36,6 +39,11 @@ class KVHandle(Protocol):
 
     def num_free_tokens(self) -> int:
         """Token slots not held by any sequence (cached-but-unused blocks count as free)."""
+
+    def num_slots(self, seq: Sequence) -> int:
+        """Token slots ``seq`` holds: its block table's blocks times ``block_size`` (0 when it holds none).
+        What freeing it returns, less its blocks that other sequences share through the prefix cache; a
+        preempting scheduler compares victims with it."""
 
 
 @dataclass(slots=True)

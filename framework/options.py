@@ -153,8 +153,9 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str, *, paths: Pa
 
     With ``paths``, relative values of :data:`FilePath` / :data:`ModelRef` options resolve against it.
 
-    :raises OptionError: unknown key (with the allowed keys), wrong type (with the expected type), or a
-        value the dataclass rejects in ``__post_init__``.
+    :raises OptionError: unknown key (with the allowed keys), wrong type (with the expected type), a field
+        without a default that ``raw`` does not give (``option 'path' of plugin 'x' is required``), or a value
+        the dataclass rejects in ``__post_init__``.
     """
     raw = raw or {}
     if not isinstance(raw, dict):
@@ -170,6 +171,12 @@ def build_options(cls: type, raw: dict[str, Any] | None, what: str, *, paths: Pa
         if not matches(value, tp):
             raise OptionError(
                 f"option '{key}' of {what} must be {type_name(tp)}, got {value!r} ({type(value).__name__})", key)
+    missing = [name for name, f in fields.items() if f.init and name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        raise OptionError(f"option {names} of {what} is required" if len(missing) == 1
+                          else f"options {names} of {what} are required", missing[0])
     if paths is not None:
         raw = {k: paths.resolve(v, kind) if isinstance(v, str) and (kind := _path_kind(hints.get(k, Any))) else v
                for k, v in raw.items()}

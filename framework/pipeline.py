@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator, Sequence as Seq
+import warnings
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Sequence as Seq
 
 import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
 from tokenmill.errors import RequestError
-from tokenmill.host import instantiate, make_plugin_manager
+from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
 from tokenmill.params import SamplingParams
@@ -23,15 +25,18 @@ class Pipeline:
     """Model, plugins and engine assembled from a :class:`PipelineSpec`.
 
     Each pipeline has its own plugin manager, plugin instances, KV pool and engine, so several can live in
-    one process. Not thread-safe; drive one pipeline from one thread.
+    one process. Not thread-safe; drive one pipeline from one thread. :meth:`close` it (or use it in a
+    ``with`` block) to let its plugins release what they hold.
     """
 
     def __init__(self, spec: PipelineSpec, *, loaded: LoadedModel | None = None, progress: bool = True) -> None:
         self.spec = spec
+        self.closed = False
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        self.plugins = {p.name: instantiate(p.obj, p.options) for p in spec.plugins}
-        self.pm = make_plugin_manager(list(self.plugins.items()), spec.order)
+        named = {p.name: instantiate(p.obj, p.options) for p in spec.plugins}
+        self.pm = make_plugin_manager(list(named.items()), spec.order)
+        self._plugins = MappingProxyType(self._plugin_map(named))
         self.loaded = loaded or load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
@@ -55,6 +60,20 @@ class Pipeline:
                              eos_token_ids=self._eos_ids(), seed=spec.seed)
 
     # ------------------------------------------------------------------ construction
+    @property
+    def plugins(self) -> Mapping[str, Any]:
+        """Read-only mapping from plugin name to the instance in this pipeline: the plugins the YAML names
+        (in YAML order), then the autoload plugins and the defaults that take part (``fcfs``,
+        ``contiguous_kv``, ``sampler`` unless named)."""
+        return self._plugins
+
+    def _plugin_map(self, named: dict[str, Any]) -> dict[str, Any]:
+        out = dict(named)
+        registered = self.pm.list_name_plugin()
+        for prefix in ("autoload:", "default:"):
+            out.update((name.removeprefix(prefix), p) for name, p in registered if name.startswith(prefix))
+        return out
+
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **kwargs: Any) -> "Pipeline":
         return cls(load_spec(path), **kwargs)
@@ -116,6 +135,7 @@ class Pipeline:
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                request_id: str | None = None) -> str:
         """Queue one request; returns its id. Drive it with :meth:`step`."""
+        self._check_open()
         return self.engine.add_request(self.encode(prompt, chat=chat), params, request_id).request_id
 
     def step(self) -> list[StreamChunk]:
@@ -145,6 +165,7 @@ class Pipeline:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise RequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        self._check_open()
         encoded = [self.encode(p, chat=chat) for p in prompts]
         ids = []
         try:
@@ -188,6 +209,32 @@ class Pipeline:
                 self.engine.abort(rid)
                 self.engine.requests.pop(rid, None)
 
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """Abort the requests still in flight (freeing their KV), then call every plugin's ``shutdown`` once.
+
+        A second call does nothing. A failing ``shutdown`` is a ``RuntimeWarning`` naming the plugin and the
+        other plugins' ``shutdown`` still runs. A closed pipeline takes no new requests.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for rid, seq in list(self.engine.requests.items()):
+            if not seq.is_finished:
+                self.engine.abort(rid)
+        for failure in call_each(self.pm, "shutdown"):
+            warnings.warn(f"{failure}; the other plugins are still shut down", RuntimeWarning, stacklevel=2)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RequestError(f"pipeline '{self.spec.name}' is closed; build a new one to run requests")
+
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:
         """Engine statistics: queue sizes, KV usage, throughput, batch utilization."""
@@ -209,5 +256,5 @@ class Pipeline:
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
             "compiled": self.runner.compiled, "attention": self.runner.attention.name,
-            "plugins": {name: repr(getattr(p, "options", None)) for name, p in self.plugins.items()},
+            "plugins": {p.name: repr(getattr(self._plugins[p.name], "options", None)) for p in self.spec.plugins},
         }

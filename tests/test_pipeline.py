@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import tiny_pipeline_dict
-from tokenmill import Pipeline, Plugin, SamplingParams, hookimpl
+from tokenmill import Pipeline, PipelineError, Plugin, RequestError, SamplingParams, hookimpl, load_spec
 from tokenmill.hooktypes import ScheduledSeq, SchedulerOutput
 from tokenmill.host import PluginEntry, discover_plugins
 
@@ -48,6 +48,49 @@ class ExplodingVerifier(Plugin):
     def verify_tokens(self, batch):
         if any(s.prompt_token_ids[0] == self.poison for s in batch.seqs):
             raise RuntimeError("injected failure")
+        return None
+
+
+class Closer(Plugin):
+    """Records its ``shutdown`` in a log shared with the other closers."""
+
+    name = "closer"
+    log: list = []
+
+    @hookimpl
+    def shutdown(self):
+        Closer.log.append(self.name)
+
+
+class BrokenCloser(Plugin):
+    name = "broken_closer"
+
+    @hookimpl
+    def shutdown(self):
+        raise OSError("disk gone")
+
+
+class NeedsPath(Plugin):
+    name = "needs_path"
+
+    @dataclass(slots=True)
+    class Options:
+        path: str
+        mode: str = "r"
+
+
+class SlotWatcher(Plugin):
+    """Declines ``schedule`` (FCFS answers) after noting what the KV handle says about the running sequences."""
+
+    name = "slot_watcher"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.seen: list = []
+
+    @hookimpl
+    def schedule(self, state):
+        self.seen.append((state.kv.block_size, [state.kv.num_slots(s) for s in state.running]))
         return None
 
 
@@ -131,3 +174,52 @@ def test_bad_dict_raises(tiny_llama_dir, bad):
 
     with pytest.raises(PipelineError):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, **bad), progress=False)
+
+
+def use_catalog(monkeypatch, *classes):
+    catalog = catalog_with(*classes)
+    monkeypatch.setattr("tokenmill.spec.discover_plugins", lambda: catalog)
+    monkeypatch.setattr("tokenmill.host.discover_plugins", lambda: catalog)
+
+
+def test_plugins_is_a_read_only_mapping_of_every_plugin_instance(tiny_pipeline):
+    plugins = tiny_pipeline.plugins
+    assert {"fcfs", "contiguous_kv", "sampler"} <= set(plugins)  # the defaults take part, so they are listed
+    assert plugins["sampler"] is tiny_pipeline.pm.get_plugin("default:sampler")
+    with pytest.raises(TypeError):
+        plugins["x"] = object()
+
+
+def test_close_calls_every_shutdown_once_and_reports_failures_by_plugin(tiny_llama_dir, monkeypatch):
+    use_catalog(monkeypatch, BrokenCloser, Closer)
+    Closer.log.clear()
+    with Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=["broken_closer", "closer"]),
+                            progress=False) as pipe:
+        rid = pipe.submit("hello", SamplingParams(max_tokens=8, ignore_eos=True))
+        pipe.step()
+        with pytest.warns(RuntimeWarning, match=r"^plugin 'broken_closer' failed in shutdown: OSError: disk gone"):
+            pipe.close()
+        assert Closer.log == ["closer"]  # ran although the shutdown before it failed
+        assert pipe.collect(rid).finish_reason == "abort"  # close aborts what is in flight, freeing its KV
+        assert pipe.stats()["kv"]["used_blocks"] == 0
+        with pytest.raises(RequestError, match="closed"):
+            pipe.submit("again")
+    assert Closer.log == ["closer"]  # leaving the with block closes again: a no-op
+
+
+@pytest.mark.parametrize("entry", ["needs_path", {"needs_path": {"mode": "w"}}])
+def test_an_option_without_a_default_is_required(monkeypatch, entry):
+    use_catalog(monkeypatch, NeedsPath)
+    with pytest.raises(PipelineError, match=r"option 'path' of plugin 'needs_path' is required$"):
+        load_spec({"model": "m", "plugins": [entry]})
+    assert load_spec({"model": "m", "plugins": [{"needs_path": {"path": "x"}}]}).plugins[0].options.path == "x"
+
+
+def test_kv_handle_tells_the_block_size_and_the_slots_a_sequence_holds(tiny_llama_dir, monkeypatch):
+    use_catalog(monkeypatch, SlotWatcher)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+        "slot_watcher", {"paged_kv": {"block_size": 4, "num_blocks": 64}}]), progress=False)
+    (res,) = pipe.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert res.finish_reason == "length"
+    # 6 prompt tokens, then 7 and 8 tokens: two blocks of 4 each time it runs
+    assert pipe.plugins["slot_watcher"].seen == [(4, []), (4, [8]), (4, [8])]

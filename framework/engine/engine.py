@@ -50,6 +50,9 @@ class EngineKV:
         stats = self.hook.kv_stats()
         return stats["free_blocks"] * stats["block_size"]
 
+    def num_slots(self, seq: Sequence) -> int:
+        return len(seq.block_table) * self.block_size
+
     def capacity_tokens(self) -> int:
         """Token slots of the whole pool: the most one sequence could ever hold."""
         stats = self.hook.kv_stats()
