@@ -14,25 +14,7 @@ PROJECT = "tokenmill"
 hookspec = pluggy.HookspecMarker(PROJECT)
 
 
-@hookspec(firstresult=True)
-def schedule(state):
-    """Decide which sequences run this step and how many of their tokens each.
-
-    Called once per engine step, before the forward pass. Allocate KV for every sequence you schedule
-    through ``state.kv.allocate(seq, n)``; when it returns False you may preempt running sequences
-    (list them in ``preempted``; the engine frees their KV and requeues them for recompute).
-
-    :param state: :class:`tokenmill.hooktypes.ScheduleInput` with the ``waiting`` and ``running``
-        sequences, the step ``limits`` (max sequences, token budget, max model length), the ``kv`` handle
-        and the current time.
-    :return: :class:`tokenmill.hooktypes.SchedulerOutput`. A sequence may appear in ``scheduled`` with
-        ``num_new_tokens`` between 1 and its uncomputed tokens (less than all = chunked prefill); the
-        total must not exceed ``limits.max_num_batched_tokens`` (a single prompt may exceed it only when
-        the scheduler does not chunk and schedules it alone). First non-None result wins.
-    :raises: nothing on purpose: if it raises, every request it was shown finishes with an error naming the
-        plugin and its KV is freed; the engine carries on with later requests.
-    """
-
+# -------------------- Build: once per pipeline, while it is built
 
 @hookspec(firstresult=True)
 def init_kv_cache(spec):
@@ -42,48 +24,6 @@ def init_kv_cache(spec):
         max model length and max concurrent sequences.
     :return: :class:`tokenmill.hooktypes.KVPool` whose tensors the model runner reads and writes.
         First non-None result wins.
-    """
-
-
-@hookspec(firstresult=True)
-def allocate_kv(seq, num_new_tokens, num_cached_tokens):
-    """Reserve KV slots for ``num_new_tokens`` more tokens of ``seq``.
-
-    Called by the engine's KV handle when a scheduler admits or continues a sequence. Must be atomic:
-    on failure nothing is reserved.
-
-    :param seq: the :class:`tokenmill.sequence.Sequence`; ``seq.num_computed_tokens`` tokens already have
-        KV, slots are needed up to position ``seq.num_computed_tokens + num_cached_tokens + num_new_tokens``.
-    :param num_new_tokens: how many token slots to add for tokens the model computes this step.
-    :param num_cached_tokens: for a sequence starting from zero, how many leading tokens to take from the
-        prefix cache (a value ``match_prefix`` returned; 0 otherwise). On success the engine counts them as
-        computed.
-    :return: :class:`tokenmill.hooktypes.KVAllocation` with the sequence's full block table, or ``False``
-        when the pool has no room (nothing reserved; the scheduler may then preempt). None defers to the
-        next plugin. First non-None result wins.
-    """
-
-
-@hookspec
-def free_kv(seq, reusable):
-    """Return every KV block ``seq`` holds to the pool (finished, aborted, failed or preempted).
-
-    Must tolerate a sequence that holds nothing (called again, or never allocated by this plugin).
-
-    :param seq: the :class:`tokenmill.sequence.Sequence` whose blocks go back.
-    :param reusable: False when the sequence's last step failed, so its blocks' contents must not be kept
-        for prefix reuse.
-    :return: None. Every implementation is called.
-    """
-
-
-@hookspec(firstresult=True)
-def kv_stats():
-    """Report the KV cache's measured state.
-
-    :return: a dict with at least ``num_blocks``, ``block_size``, ``used_blocks``, ``free_blocks`` (blocks a
-        new allocation can take), ``usage`` (0..1) and ``allocated_token_slots`` / ``used_token_slots``. The
-        engine reads ``num_blocks``, ``free_blocks`` and ``block_size``. First non-None result wins.
     """
 
 
@@ -120,6 +60,115 @@ def quantize_layer(name, module, model_config):
     """
 
 
+@hookspec
+def configure(context):
+    """Learn about the built pipeline, once, after the model is loaded and quantized and the KV pool exists.
+
+    Drafters use it to build their draft model (the target's tokenizer and vocabulary, its weights for a
+    quantized self-draft, the device and limits).
+
+    :param context: :class:`tokenmill.hooktypes.PipelineContext`.
+    :return: None. Every implementation is called.
+    """
+
+
+# -------------------- Step: every engine step (and the KV queries schedulers and the pipeline make)
+
+@hookspec(firstresult=True)
+def schedule(state):
+    """Decide which sequences run this step and how many of their tokens each.
+
+    Called once per engine step, before the forward pass. Allocate KV for every sequence you schedule
+    through ``state.kv.allocate(seq, n)``; when it returns False you may preempt running sequences
+    (list them in ``preempted``; the engine frees their KV and requeues them for recompute).
+
+    :param state: :class:`tokenmill.hooktypes.ScheduleInput` with the ``waiting`` and ``running``
+        sequences, the step ``limits`` (max sequences, token budget, max model length), the ``kv`` handle
+        and the current time.
+    :return: :class:`tokenmill.hooktypes.SchedulerOutput`. A sequence may appear in ``scheduled`` with
+        ``num_new_tokens`` between 1 and its uncomputed tokens (less than all = chunked prefill); the
+        total must not exceed ``limits.max_num_batched_tokens`` (a single prompt may exceed it only when
+        the scheduler does not chunk and schedules it alone). First non-None result wins.
+    :raises: nothing on purpose: if it raises, every request it was shown finishes with an error naming the
+        plugin and its KV is freed; the engine carries on with later requests.
+    """
+
+
+@hookspec(firstresult=True)
+def allocate_kv(seq, num_new_tokens, num_cached_tokens):
+    """Reserve KV slots for ``num_new_tokens`` more tokens of ``seq``.
+
+    Called by the engine's KV handle when a scheduler admits or continues a sequence. Must be atomic:
+    on failure nothing is reserved.
+
+    :param seq: the :class:`tokenmill.sequence.Sequence`; ``seq.num_computed_tokens`` tokens already have
+        KV, slots are needed up to position ``seq.num_computed_tokens + num_cached_tokens + num_new_tokens``.
+    :param num_new_tokens: how many token slots to add for tokens the model computes this step.
+    :param num_cached_tokens: for a sequence starting from zero, how many leading tokens to take from the
+        prefix cache (a value ``match_prefix`` returned; 0 otherwise). On success the engine counts them as
+        computed.
+    :return: :class:`tokenmill.hooktypes.KVAllocation` with the sequence's full block table, or ``False``
+        when the pool has no room (nothing reserved; the scheduler may then preempt). None defers to the
+        next plugin. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def match_prefix(seq):
+    """Count the leading tokens of a not-yet-started sequence whose KV the cache already holds.
+
+    Read-only: nothing is reserved until ``allocate_kv`` is called with ``num_cached_tokens``. Only whole
+    blocks count, and at least the last prompt token is always left to compute (its logits are needed).
+
+    :param seq: a :class:`tokenmill.sequence.Sequence` with ``num_computed_tokens == 0``.
+    :return: the number of reusable leading tokens (0 when there is no prefix cache).
+        First non-None result wins.
+    """
+
+
+@hookspec
+def free_kv(seq, reusable):
+    """Return every KV block ``seq`` holds to the pool (finished, aborted, failed or preempted).
+
+    Must tolerate a sequence that holds nothing (called again, or never allocated by this plugin).
+
+    :param seq: the :class:`tokenmill.sequence.Sequence` whose blocks go back.
+    :param reusable: False when the sequence's last step failed, so its blocks' contents must not be kept
+        for prefix reuse.
+    :return: None. Every implementation is called.
+    """
+
+
+@hookspec
+def trim_kv(seq):
+    """Release KV slots past ``seq.num_computed_tokens`` after drafts were rejected (rollback).
+
+    Called after every step in which ``seq`` ran draft tokens. Rows of rejected drafts hold stale K/V; a
+    paged cache returns whole blocks that are no longer needed, a contiguous one just forgets them.
+
+    :param seq: the :class:`tokenmill.sequence.Sequence`, already updated to its accepted tokens.
+    :return: None. Every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def kv_stats():
+    """Report the KV cache's measured state.
+
+    :return: a dict with at least ``num_blocks``, ``block_size``, ``used_blocks``, ``free_blocks`` (blocks a
+        new allocation can take), ``usage`` (0..1) and ``allocated_token_slots`` / ``used_token_slots``. The
+        engine reads ``num_blocks``, ``free_blocks`` and ``block_size``. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def clear_prefix_cache():
+    """Drop every cached block that no running sequence uses.
+
+    :return: the number of blocks freed (blocks in use are never touched). First non-None result wins.
+    """
+
+
 @hookspec(firstresult=True)
 def propose_tokens(seqs):
     """Propose draft tokens for the sequences that produce a token this step.
@@ -149,6 +198,8 @@ def verify_tokens(batch):
     """
 
 
+# -------------------- Observe: after a step, and when the pipeline closes
+
 @hookspec
 def step_end(stats):
     """Observe a finished engine step (timing, metrics, tracing).
@@ -156,51 +207,6 @@ def step_end(stats):
     :param stats: :class:`tokenmill.hooktypes.StepStats` measured for the step.
     :return: None. Every implementation is called, even after one raises; each failure is a
         ``RuntimeWarning`` naming the plugin, and no request fails for it.
-    """
-
-
-@hookspec(firstresult=True)
-def match_prefix(seq):
-    """Count the leading tokens of a not-yet-started sequence whose KV the cache already holds.
-
-    Read-only: nothing is reserved until ``allocate_kv`` is called with ``num_cached_tokens``. Only whole
-    blocks count, and at least the last prompt token is always left to compute (its logits are needed).
-
-    :param seq: a :class:`tokenmill.sequence.Sequence` with ``num_computed_tokens == 0``.
-    :return: the number of reusable leading tokens (0 when there is no prefix cache).
-        First non-None result wins.
-    """
-
-
-@hookspec(firstresult=True)
-def clear_prefix_cache():
-    """Drop every cached block that no running sequence uses.
-
-    :return: the number of blocks freed (blocks in use are never touched). First non-None result wins.
-    """
-
-
-@hookspec
-def trim_kv(seq):
-    """Release KV slots past ``seq.num_computed_tokens`` after drafts were rejected (rollback).
-
-    Called after every step in which ``seq`` ran draft tokens. Rows of rejected drafts hold stale K/V; a
-    paged cache returns whole blocks that are no longer needed, a contiguous one just forgets them.
-
-    :param seq: the :class:`tokenmill.sequence.Sequence`, already updated to its accepted tokens.
-    :return: None. Every implementation is called.
-    """
-
-
-@hookspec
-def configure(context):
-    """Learn about the built pipeline, once, after the model is loaded and quantized and the KV pool exists.
-
-    Drafters use it to build their draft model (the target's tokenizer and vocabulary, its weights for a
-    quantized self-draft, the device and limits).
-
-    :param context: :class:`tokenmill.hooktypes.PipelineContext`.
-    :return: None. Every implementation is called.
     """
 
 
