@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill import __version__
 from tokenmill.serve import openai_routes
 from tokenmill.serve.metrics import ServeMetrics
+from tokenmill.serve.middleware import HTTPMetricsMiddleware
 from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from tokenmill.serve.service import (APIError, ClientGone, Delta, Final, GenerationCall, Interrupted, ServeConfig,
                                      Service, error_event, final_error, ms, raise_for_finals, run_stream, run_unary,
@@ -60,32 +61,6 @@ def native_result(final: Final, pipeline: str) -> dict:
         "queue_ms": ms(None if out.queue_s is None or h.submitted is None else h.submitted - h.received + out.queue_s),
         "optimization_used": pipeline, "error": final.error,
     }
-
-
-# ------------------------------------------------------------------------------------------- middleware
-class HTTPMetricsMiddleware:
-    """Counts every HTTP response by route template, method and status (pure ASGI: streams pass through)."""
-
-    def __init__(self, app, metrics: ServeMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = [500]
-
-        async def _send(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.http.labels(route, scope.get("method", ""), str(status[0])).inc()
 
 
 def _make_auth(api_key: str | None):
@@ -147,11 +122,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone):
         return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def _unhandled(request: Request, exc: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+    # other exceptions become a 500 in HTTPMetricsMiddleware (tokenmill.serve.middleware)
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -177,7 +148,7 @@ def create_app(pipelines: Any, config: ServeConfig | None = None, **options: Any
                               "health, readiness and Prometheus metrics. See docs/service.md.")
     app.state.service = service
     app.state.metrics = metrics
-    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, default_pipeline=service.default)
     _install_error_handlers(app)
     auth = [Depends(_make_auth(config.api_key))]
     app.include_router(_native_router(service), dependencies=auth)

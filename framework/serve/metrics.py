@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +32,39 @@ SPEC_ACCEPTED_KEYS = ("accepted_tokens", "num_accepted_tokens")
 
 
 TOKEN_RATE_WINDOW_S = 10.0
+
+# The routes whose requests tokenmill_requests_total counts (one per prompt).
+GENERATION_ROUTES = frozenset({"/v1/generate", "/v1/generate/batch", "/v1/completions", "/v1/chat/completions"})
+
+
+def outcome_for_status(status: int) -> str:
+    """The tokenmill_requests_total outcome of a generation request refused or failed with HTTP ``status``."""
+    if status == 503:
+        return "overloaded"
+    if status == 504:
+        return "timeout"
+    return "error" if status >= 500 else "invalid"
+
+
+@dataclass(slots=True)
+class RequestAccount:
+    """What the service knows about one HTTP request, for counting it in tokenmill_requests_total exactly once:
+    its pipeline, how many prompts it carries, and whether something counted them already (an admission refusal,
+    or the engine thread, which counts every request submitted to it when it is refused or finishes)."""
+
+    pipeline: str | None = None
+    prompts: int = 1
+    counted: bool = False
+
+
+# set by HTTPMetricsMiddleware for the duration of each HTTP request
+REQUEST_ACCOUNT: ContextVar[RequestAccount | None] = ContextVar("tokenmill_request_account", default=None)
+
+
+def current_account() -> RequestAccount:
+    """The account of the HTTP request being handled (a throwaway one outside a request)."""
+    account = REQUEST_ACCOUNT.get()
+    return account if account is not None else RequestAccount()
 
 
 class SlidingRate:

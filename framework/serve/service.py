@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from tokenmill.params import SamplingParams
-from tokenmill.serve.metrics import ServeMetrics
+from tokenmill.serve.metrics import ServeMetrics, current_account
 from tokenmill.serve.worker import (Accepted, Delta, EngineWorker, Final, Interrupted, Rejected,
                                     RequestHandle)
 
@@ -116,17 +116,16 @@ class Service:
 
     # ------------------------------------------------------------------ routing and admission
     def worker(self, name: str | None, *, openai: bool = False) -> EngineWorker:
-        if name is None or name == "":
-            return self.workers[self.default]
-        w = self.workers.get(name)
-        if w is None:
-            names = ", ".join(self.workers)
-            if openai:
-                raise APIError(404, f"The model '{name}' does not exist; available models: {names}",
-                               param="model", code="model_not_found")
-            raise APIError(400, f"unknown optimization '{name}'; available: {names}", param="optimization",
-                           code="unknown_optimization")
-        return w
+        w = self.workers[self.default] if name is None or name == "" else self.workers.get(name)
+        if w is not None:
+            current_account().pipeline = w.name
+            return w
+        names = ", ".join(self.workers)
+        if openai:
+            raise APIError(404, f"The model '{name}' does not exist; available models: {names}",
+                           param="model", code="model_not_found")
+        raise APIError(400, f"unknown optimization '{name}'; available: {names}", param="optimization",
+                       code="unknown_optimization")
 
     def check_ready(self, w: EngineWorker) -> None:
         if self.draining:
@@ -154,16 +153,22 @@ class Service:
                                     f"waiting for a batch slot, limit --max-queued-requests={limit}); retry in "
                                     f"{retry} s", code="queue_full", headers={"Retry-After": str(retry)})
         except APIError:
-            self.metrics.requests.labels(w.name, "overloaded").inc(n)
+            self.count(w, "overloaded", n)
             raise
 
     def check_max_tokens(self, w: EngineWorker, params: SamplingParams, param: str = "max_tokens") -> None:
         limit = w.limits.max_model_len - 1
         if params.max_tokens > limit:
-            self.metrics.requests.labels(w.name, "invalid").inc()
+            self.count(w, "invalid")
             raise APIError(400, f"{param} must be at most {limit} for '{w.name}' (its max_model_len is "
                                 f"{w.limits.max_model_len}, and the prompt needs at least one token), got "
                                 f"{params.max_tokens}", param=param)
+
+    def count(self, w: EngineWorker, outcome: str, n: int = 1) -> None:
+        """Count ``n`` generation requests of ``w`` in tokenmill_requests_total, and mark the HTTP request as
+        counted (so the metrics middleware does not count its 5xx again)."""
+        self.metrics.requests.labels(w.name, outcome).inc(n)
+        current_account().counted = True
 
     def track(self, call: "GenerationCall") -> None:
         self.calls.add(call)
@@ -200,6 +205,8 @@ class GenerationCall:
         self.received = received
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         n = len(prompts)
+        self.account = current_account()
+        self.account.prompts = n
         self.handles = [RequestHandle(request_id=self.id if n == 1 else f"{self.id}-{i}", prompt=p, params=params,
                                       loop=self.loop, queue=self.queue, received=received, index=i, chat=chat,
                                       fill_max_tokens=fill_max_tokens, stream=stream)
@@ -220,6 +227,7 @@ class GenerationCall:
         svc.track(self)
         self._tracked = True
         self.worker.submit(self.handles)
+        self.account.counted = True  # the engine thread counts each request: when it refuses it, or it finishes
         timeout = svc.config.request_timeout
         if timeout:
             self._timer = self.loop.call_at(self.loop.time() + max(0.0, timeout - (time.perf_counter()
@@ -235,8 +243,6 @@ class GenerationCall:
             elif isinstance(item, Rejected):
                 self._aborted.update(h.request_id for h in self.handles)  # nothing reached the engine
                 self.close()
-                if item.status == 400:
-                    svc.metrics.requests.labels(self.worker.name, "invalid").inc(len(self.handles))
                 raise APIError(item.status, item.message, param="prompt" if item.status == 400 else None)
             elif isinstance(item, Interrupted):
                 self.raise_interrupted()

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import ModelLoadError, PipelineError, RequestError
 from tokenmill.params import SamplingParams
+from tokenmill.serve.metrics import outcome_for_status
 
 log = logging.getLogger("tokenmill.serve")
 
@@ -319,8 +320,7 @@ class EngineWorker:
         if self.state != "ready":
             msg = (f"pipeline '{self.name}' failed to load: {self.error}" if self.state == "failed"
                    else f"pipeline '{self.name}' is {self.state}")
-            for h in handles:
-                self._out.append((h, Rejected(h, 503, msg)))
+            self._reject(handles, 503, msg)
             return
         pipe = self.pipeline
         added: list[RequestHandle] = []
@@ -348,12 +348,17 @@ class EngineWorker:
             for h in added:
                 pipe.abort(h.request_id)
                 pipe.collect(h.request_id)
-            for h in handles:
-                self._out.append((h, Rejected(h, *failed)))
+            self._reject(handles, *failed)
             return
         for h in handles:
             self._handles[h.request_id] = h
             self._out.append((h, Accepted(h)))
+
+    def _reject(self, handles: list[RequestHandle], status: int, message: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(self.name, outcome_for_status(status)).inc(len(handles))
+        for h in handles:
+            self._out.append((h, Rejected(h, status, message)))
 
     def _abort(self, request_id: str, reason: str) -> None:
         h = self._handles.get(request_id)

@@ -147,3 +147,45 @@ def test_sliding_rate_counts_the_window_only():
     assert rate.rate(17.0) == 0.0
     with pytest.raises(ValueError, match="window_s must be > 0"):
         SlidingRate(window_s=0)
+
+
+# ---------------------------------------------------------------------------------------------- item 3
+def test_every_5xx_of_a_generation_request_is_counted(make_server, spare_pipeline):
+    """A generation request answered 5xx is counted in tokenmill_requests_total, whatever produced the 5xx: an
+    unhandled exception in the handler (500, outcome error) or a refusal before admission (draining: 503,
+    outcome overloaded); tokenmill_http_requests_total has the same statuses."""
+    from tests.serve.helpers import metric
+
+    run = make_server([spare_pipeline])
+    service = run.service
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    chat = {"model": "spare", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with run.client() as c:
+        before = c.get("/metrics").text
+        service.check_max_tokens = bug  # raises inside the handlers, before anything is submitted
+        try:
+            r1 = c.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 2})
+            r2 = c.post("/v1/chat/completions", json=chat)
+        finally:
+            del service.check_max_tokens
+        service.draining = True  # refused by the handlers' readiness check
+        try:
+            r3 = c.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 2})
+            r4 = c.post("/v1/completions", json={"model": "spare", "prompt": PROMPT, "max_tokens": 2})
+        finally:
+            service.draining = False
+        after = c.get("/metrics").text
+    assert [r.status_code for r in (r1, r2, r3, r4)] == [500, 500, 503, 503]
+    assert "injected bug" in r1.json()["error"]["message"]
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("tokenmill_requests_total", pipeline="spare", outcome="error") == 2
+    assert delta("tokenmill_requests_total", pipeline="spare", outcome="overloaded") == 2
+    assert delta("tokenmill_http_requests_total", route="/v1/generate", method="POST", status="500") == 1
+    assert delta("tokenmill_http_requests_total", route="/v1/chat/completions", method="POST", status="500") == 1
+    assert delta("tokenmill_http_requests_total", route="/v1/generate", method="POST", status="503") == 1

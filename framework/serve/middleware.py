@@ -1,0 +1,61 @@
+"""Pure ASGI middleware of the app (streams pass through untouched): HTTP accounting and internal errors.
+
+:class:`HTTPMetricsMiddleware` counts every HTTP response in ``tokenmill_http_requests_total`` and makes sure
+that a generation request answered with a 5xx is counted in ``tokenmill_requests_total`` even when nothing on
+its way counted it (a handler bug, a refusal before admission). It is also where an exception that no handler
+caught becomes a 500 with the usual error body: answering it here, instead of letting it reach uvicorn, keeps
+the kept-alive connection usable (uvicorn closes a connection whose application raised, and a client that
+reuses it gets a connection reset).
+"""
+from __future__ import annotations
+
+import logging
+
+from starlette.responses import JSONResponse
+
+from tokenmill.serve.metrics import (GENERATION_ROUTES, REQUEST_ACCOUNT, RequestAccount, ServeMetrics,
+                                     outcome_for_status)
+from tokenmill.serve.service import APIError
+
+log = logging.getLogger("tokenmill.serve")
+
+
+class HTTPMetricsMiddleware:
+    """Counts every HTTP response by route template, method and status; 5xx of generation routes that nothing
+    counted go to ``tokenmill_requests_total`` (per :func:`outcome_for_status`) under the request's pipeline
+    (``default_pipeline`` if it never got that far)."""
+
+    def __init__(self, app, metrics: ServeMetrics, default_pipeline: str) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.default_pipeline = default_pipeline
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int | None] = [None]
+        account = RequestAccount()
+        token = REQUEST_ACCOUNT.set(account)
+
+        async def _send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception as exc:
+            if status[0] is not None:  # the response is under way: it cannot become an error any more
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+            await JSONResponse(err.body(), status_code=err.status)(scope, receive, _send)
+        finally:
+            REQUEST_ACCOUNT.reset(token)
+            code = status[0] if status[0] is not None else 500
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.http.labels(route, scope.get("method", ""), str(code)).inc()
+            if code >= 500 and route in GENERATION_ROUTES and not account.counted:
+                self.metrics.requests.labels(account.pipeline or self.default_pipeline,
+                                             outcome_for_status(code)).inc(account.prompts)
