@@ -15,14 +15,15 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import __version__
-from tokenmill.serve import openai_routes
+from tokenmill.serve import extra_routes, openai_routes
 from tokenmill.serve.metrics import ServeMetrics
 from tokenmill.serve.middleware import HTTPMetricsMiddleware
+from tokenmill.serve.responses import GENERATION_ERRORS, drop_default_422, errors, streams
 from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from tokenmill.serve.service import (APIError, ClientGone, Delta, Final, GenerationCall, Interrupted, ServeConfig,
                                      Service, error_event, final_error, ms, raise_for_finals, run_stream, run_unary,
@@ -151,10 +152,13 @@ def create_app(pipelines: Any, config: ServeConfig | None = None, **options: Any
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, default_pipeline=service.default)
     _install_error_handlers(app)
     auth = [Depends(_make_auth(config.api_key))]
-    app.include_router(_native_router(service), dependencies=auth)
+    app.include_router(_native_router(service), dependencies=auth, responses=errors(*GENERATION_ERRORS))
     app.include_router(openai_routes.router(service), dependencies=auth)
-    app.include_router(_ops_router(service, metrics), dependencies=auth)
-    app.include_router(_probe_router(service))
+    app.include_router(extra_routes.router(service), dependencies=auth)
+    app.include_router(_ops_router(service, metrics), dependencies=auth, responses=errors(401))
+    app.include_router(_probe_router(service), responses={503: {"description": "Not alive / not ready; the body "
+                                                                               "says why."}})
+    drop_default_422(app)
     return app
 
 
@@ -188,7 +192,7 @@ def cache_view(name: str, kv: dict) -> dict:
 def _native_router(service: Service) -> APIRouter:
     r = APIRouter(tags=["native"])
 
-    @r.post("/v1/generate", response_model=GenerateResponse,
+    @r.post("/v1/generate", response_model=GenerateResponse, responses=streams("text chunks, then a `done` event"),
             summary="Generate from one prompt (Server-Sent Events with stream: true)")
     async def generate(body: GenerateRequest, request: Request):
         received = time.perf_counter()
@@ -253,13 +257,14 @@ def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:
     r = APIRouter(tags=["operations"])
     opt = Query(None, description="pipeline name (default: the first)")
 
-    @r.get("/v1/cache/stats", summary="Prefix-cache and KV statistics of one pipeline")
+    @r.get("/v1/cache/stats", summary="Prefix-cache and KV statistics of one pipeline", responses=errors(400, 503))
     async def cache_stats(optimization: str | None = opt):
         w = service.worker(optimization)
         kv = await pipeline_call(service, w, lambda p: p.stats()["kv"])
         return cache_view(w.name, kv)
 
-    @r.delete("/v1/cache", summary="Drop cached prefix blocks that no running request uses")
+    @r.delete("/v1/cache", summary="Drop cached prefix blocks that no running request uses",
+              responses=errors(400, 503))
     async def clear_cache(optimization: str | None = opt):
         w = service.worker(optimization)
 
@@ -276,7 +281,7 @@ def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:
                 "entries_before": cache_view(w.name, before)["entries"], "entries_after": view["entries"],
                 "used_blocks": view["used_blocks"]}
 
-    @r.get("/v1/model/info", summary="Model, limits and plugins of one pipeline")
+    @r.get("/v1/model/info", summary="Model, limits and plugins of one pipeline", responses=errors(400, 503))
     async def model_info(optimization: str | None = opt):
         w = service.worker(optimization)
         if w.info is None:
@@ -286,7 +291,8 @@ def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:
                     max_batch_size=info.get("max_num_seqs"), max_sequence_length=info.get("max_model_len"))
         return info
 
-    @r.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    @r.get("/metrics", summary="Prometheus metrics", responses={200: {"description": "Prometheus text format",
+                                                                     "content": {"text/plain": {}}}})
     async def prom_metrics():
         col = metrics.engine
         ready = [w for w in service.workers.values() if w.state == "ready"]

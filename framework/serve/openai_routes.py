@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+"""OpenAI-compatible routes: ``GET /v1/models[/{id}]``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
 The ``model`` field names a pipeline (its YAML ``name:``). Responses follow OpenAI's shapes, with ``usage``;
 streams are Server-Sent Events ending in ``data: [DONE]``, so the ``openai`` Python client works unchanged
@@ -11,6 +11,8 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from tokenmill.serve.responses import (GENERATION_ERRORS, ChatCompletionResponse, CompletionResponse, ModelCard,
+                                       ModelList, errors, streams)
 from tokenmill.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tokenmill.serve.service import (Delta, Final, GenerationCall, Interrupted, Service, error_event, final_error,
                                      raise_for_finals, run_stream, run_unary, sse)
@@ -28,14 +30,20 @@ def _usage(finals_or_handles) -> dict:
 def router(service: Service) -> APIRouter:
     r = APIRouter(tags=["openai"])
 
-    @r.get("/v1/models", summary="The pipelines this server runs, as OpenAI models")
+    def card(name: str) -> dict:
+        w = service.workers[name]
+        return {"id": name, "object": "model", "created": int(service.started), "owned_by": "tokenmill",
+                "ready": w.state == "ready", "max_model_len": w.limits.max_model_len if w.limits is not None else None}
+
+    @r.get("/v1/models", response_model=ModelList, responses=errors(401),
+           summary="The pipelines this server runs, as OpenAI models")
     async def models():
-        created = int(service.started)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
-             "ready": w.state == "ready",
-             "max_model_len": w.limits.max_model_len if w.limits is not None else None}
-            for name, w in service.workers.items()]}
+        return {"object": "list", "data": [card(name) for name in service.workers]}
+
+    @r.get("/v1/models/{model_id}", response_model=ModelCard, responses=errors(401, 404),
+           summary="One pipeline, as an OpenAI model")
+    async def model(model_id: str):
+        return card(service.worker(model_id, openai=True).name)
 
     def _prepare(body, default_max_tokens: int | None):
         w = service.worker(body.model, openai=True)
@@ -45,7 +53,8 @@ def router(service: Service) -> APIRouter:
             service.check_max_tokens(w, params, body.max_tokens_param)
         return w, params, fill
 
-    @r.post("/v1/completions", summary="OpenAI-compatible text completion")
+    @r.post("/v1/completions", response_model=CompletionResponse, summary="OpenAI-compatible text completion",
+            responses={**streams("text_completion chunks"), **errors(*GENERATION_ERRORS, 404)})
     async def completions(body: CompletionRequest, request: Request):
         received = time.perf_counter()
         w, params, fill = _prepare(body, 16)
@@ -90,7 +99,9 @@ def router(service: Service) -> APIRouter:
 
         return await run_stream(call, events)
 
-    @r.post("/v1/chat/completions", summary="OpenAI-compatible chat completion")
+    @r.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+            summary="OpenAI-compatible chat completion",
+            responses={**streams("chat.completion.chunk chunks"), **errors(*GENERATION_ERRORS, 404)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         received = time.perf_counter()
         w, params, fill = _prepare(body, None)

@@ -120,6 +120,8 @@ class _Sampling(BaseModel):
 
 
 class GenerateRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello", "max_tokens": 4},
+                                                              {"prompt": "Hello", "max_tokens": 4, "stream": True}]})
     prompt: Union[str, list[StrictInt]] = Field(..., description="Text, or a list of token ids.")
     stream: StrictBool = Field(False, description="Send Server-Sent Events: one per decoded chunk, then a `done` "
                                             "event with the stats.")
@@ -144,6 +146,7 @@ class GenerateResponse(BaseModel):
 
 
 class BatchRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompts": ["Hello", "1, 2, 3,"], "max_tokens": 4}]})
     prompts: list[Union[str, list[StrictInt]]] = Field(..., description=f"1 to {MAX_BATCH_PROMPTS} prompts, run "
                                                                   "together so they batch.")
 
@@ -244,6 +247,8 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello", "max_tokens": 4},
+                                                              {"prompt": "Hello", "max_tokens": 4, "stream": True}]})
     route: ClassVar[str] = COMPLETIONS
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
@@ -293,6 +298,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIBase):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 4},
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True}]})
     route: ClassVar[str] = CHAT
     messages: list[ChatMessage]
     max_completion_tokens: Optional[StrictInt] = Field(None, description="Tokens to generate at most; wins "

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import tiny_pipeline_dict
 from tests.serve.helpers import start_server
-from tokenmill import Pipeline
+from tokenmill import Pipeline, __version__
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,47 @@ def test_max_completion_tokens_wins_over_max_tokens_on_chat(client):
     r = client.post("/v1/chat/completions", json=dict(CHAT, max_tokens=2, max_completion_tokens=9999))
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
     assert "max_completion_tokens must be at most 255" in r.json()["error"]["message"]
+# ---------------------------------------------------------------------------------------------- routes
+def test_get_one_model(client):
+    r = client.get("/v1/models/surface")
+    assert r.status_code == 200, r.text
+    m = r.json()
+    assert m["id"] == "surface" and m["object"] == "model" and m["owned_by"] == "tokenmill"
+    assert m["max_model_len"] == 256
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "surface" in err["message"]
+
+
+def test_tokenize_and_detokenize_round_trip(client, pipe):
+    ids = pipe.encode("Hello world")
+    r = client.post("/tokenize", json={"prompt": "Hello world"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 256}
+    r = client.post("/tokenize", json={"prompt": "Hello world", "model": "surface", "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["tokens"] == pipe.tokenizer.encode("Hello world",
+                                                                                add_special_tokens=False)
+    r = client.post("/detokenize", json={"tokens": ids})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"prompt": pipe.tokenizer.decode(ids)}
+
+
+def test_tokenize_and_detokenize_refuse_bad_input(client, pipe):
+    vocab = pipe.engine.vocab_size
+    r = client.post("/detokenize", json={"tokens": [1, vocab]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+    assert f"tokens[1] = {vocab} is outside the vocabulary [0, {vocab})" in r.json()["error"]["message"]
+    r = client.post("/detokenize", json={"tokens": [-1]})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"], r.text
+    r = client.post("/detokenize", json={"tokens": ["a"]})
+    assert r.status_code == 400, r.text
+    r = client.post("/tokenize", json={"prompt": "x", "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    r = client.post("/tokenize", json={"prompt": "x", "extra": 1})
+    assert r.status_code == 400 and "unknown field 'extra'" in r.json()["error"]["message"], r.text
+
+
+def test_version(client):
+    r = client.get("/version")
+    assert r.status_code == 200 and r.json() == {"version": __version__}
