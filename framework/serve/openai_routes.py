@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from tokenmill.serve.responses import (GENERATION_ERRORS, ChatCompletionResponse, CompletionResponse, ModelCard,
                                        ModelList, errors, streams)
-from tokenmill.serve.schemas import ChatCompletionRequest, CompletionRequest
+from tokenmill.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
 from tokenmill.serve.service import (Delta, Final, GenerationCall, Interrupted, Service, error_event, final_error,
                                      raise_for_finals, run_stream, run_unary, sse)
 

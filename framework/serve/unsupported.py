@@ -4,8 +4,9 @@ OpenAI and vLLM clients send fields that would change the result (penalties, str
 stop token ids ...). Ignoring them would answer a different question than the one asked, so each one listed
 here is refused with a 400 that names it and says it is not supported, unless its value is *neutral*: the
 value the server behaves as anyway (``repetition_penalty: 1``, ``stop_token_ids: []``), which is accepted
-and dropped. Implementing a field later is removing its entry here and adding it to the request model in
-``schemas.py``. Fields neither in a request model nor here are refused as unknown (``extra="forbid"``).
+and dropped. Implementing a field later is removing its entry here and adding it to the request models in
+``schemas.py`` and ``openai_schemas.py``. Fields neither in a request model nor here are refused as unknown
+(``extra="forbid"``).
 """
 from __future__ import annotations
 
