@@ -11,11 +11,11 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from tokenmill.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
 from tokenmill.serve.responses import (GENERATION_ERRORS, ChatCompletionResponse, CompletionResponse, ModelCard,
                                        ModelList, errors, streams)
-from tokenmill.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
-from tokenmill.serve.service import (Delta, Final, GenerationCall, Interrupted, Service, error_event, final_error,
-                                     raise_for_finals, run_stream, run_unary, sse)
+from tokenmill.serve.service import (APIError, Delta, Final, GenerationCall, Interrupted, Service, error_event,
+                                     final_error, raise_for_finals, run_stream, run_unary, sse)
 
 OPENAI_REASONS = {"stop": "stop", "length": "length"}
 
@@ -40,10 +40,13 @@ def router(service: Service) -> APIRouter:
     async def models():
         return {"object": "list", "data": [card(name) for name in service.workers]}
 
-    @r.get("/v1/models/{model_id}", response_model=ModelCard, responses=errors(401, 404),
+    @r.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors(401, 404),
            summary="One pipeline, as an OpenAI model")
     async def model(model_id: str):
-        return card(service.worker(model_id, openai=True).name)
+        if model_id not in service.workers:  # "" too: on this route it names no model, not the default one
+            raise APIError(404, f"The model '{model_id}' does not exist; available models: "
+                                f"{', '.join(service.workers)}", param="model", code="model_not_found")
+        return card(model_id)
 
     def _prepare(body, default_max_tokens: int | None):
         w = service.worker(body.model, openai=True)

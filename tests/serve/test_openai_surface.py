@@ -99,6 +99,9 @@ def test_get_one_model(client):
     assert r.status_code == 404, r.text
     err = r.json()["error"]
     assert err["code"] == "model_not_found" and err["param"] == "model" and "surface" in err["message"]
+    for path in ("/v1/models/org/model", "/v1/models/"):  # served names may hold a slash, as hub ids do
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (path, r.text)
 
 
 def test_tokenize_and_detokenize_round_trip(client, pipe):
