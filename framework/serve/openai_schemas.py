@@ -6,7 +6,7 @@ OpenAI clients send are declared, accepted and ignored.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
@@ -122,12 +122,23 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """The chat template receives a message's role and content. Keys it would drop are refused when they carry
+    something (a tool call), accepted when OpenAI's own answers carry them empty; any other key is unknown."""
+
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
-    name: Optional[str] = None
+    name: Optional[str] = Field(None, description="Accepted and ignored.")
+    tool_call_id: Optional[str] = Field(None, description="Accepted and ignored.")
+    tool_calls: Optional[list[Any]] = Field(None, description="Refused unless empty: there is no function calling.")
+    function_call: None = None
+    refusal: None = None
+    audio: None = None
+    annotations: Optional[list[Any]] = Field(None, description="Accepted and ignored.")
 
     def as_template_message(self) -> dict:
+        if self.tool_calls:
+            raise ValueError("tool_calls is not supported (there is no function calling); leave it out")
         content = self.content
         if isinstance(content, list):
             texts = []

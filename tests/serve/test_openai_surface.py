@@ -80,6 +80,21 @@ def test_harmless_openai_extras_are_accepted(client, route):
     assert r.status_code == 200, r.text
 
 
+def test_chat_message_fields_that_would_be_dropped_are_refused(client):
+    """The chat template sees a message's role and content only: a tool call or an unknown key in a message
+    would vanish from the prompt, so it is refused; fields OpenAI's own answers carry empty are accepted."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    cases = [({"role": "assistant", "content": "x", "tool_calls": call}, "messages[0]: tool_calls is not supported"),
+             ({"role": "user", "content": "x", "foo": 1}, "unknown field 'messages.0.foo'")]
+    for message, text in cases:
+        r = client.post("/v1/chat/completions", json=dict(CHAT, messages=[message]))
+        assert r.status_code == 400 and text in r.json()["error"]["message"], r.text
+    replayed = {"role": "assistant", "content": "Hi", "tool_calls": None, "function_call": None, "refusal": None,
+                "audio": None, "annotations": [], "name": "bot"}
+    r = client.post("/v1/chat/completions", json=dict(CHAT, messages=[replayed, {"role": "user", "content": "Go"}]))
+    assert r.status_code == 200, r.text
+
+
 def test_max_completion_tokens_wins_over_max_tokens_on_chat(client):
     body = dict(CHAT, max_tokens=2, max_completion_tokens=5, ignore_eos=True)
     r = client.post("/v1/chat/completions", json=body)
