@@ -129,31 +129,27 @@ class KVAllocation:
 class Draft:
     """Draft tokens proposed for one sequence.
 
-    ``probs`` (``[len(tokens), vocab]``) is the distribution each token was sampled from, after the
-    request's temperature / top-k / top-p; None means the drafter is deterministic (one-hot), as for
-    n-gram lookup or greedy drafting.
+    A drafter that samples draws the token for position ``t`` with ``tokenmill.sampling.draw(q, seq.seed,
+    t)``: the same noise the target's draw at ``t`` uses, so verification accepts it exactly when it is the
+    target's own token there (a draft drawn any other way is still verified exactly, just accepted less).
 
     ``parents`` makes the drafts a *tree* verified in one forward (a tree attention mask): ``parents[i]`` is
     the index of token ``i``'s parent among ``tokens`` (earlier in the list), or ``-1`` for a child of the
     last accepted token; siblings must carry distinct tokens. None means a chain (``parents[i] == i - 1``).
-    Tree drafts are deterministic (``probs`` None).
     """
 
     tokens: list[int]
-    probs: torch.Tensor | None = None
     parents: list[int] | None = None
 
     def cut(self, room: int) -> "Draft":
         """At most ``room`` tokens deep: a chain keeps its first ``room`` tokens, a tree its nodes of depth <=
-        ``room`` (renumbered). Raises ValueError for a malformed tree (bad parents, probs, repeated siblings)."""
+        ``room`` (renumbered). Raises ValueError for a malformed tree (bad parents, repeated siblings)."""
         if self.parents is None:
-            return Draft(self.tokens[:room], None if self.probs is None or not room else self.probs[:room])
+            return Draft(self.tokens[:room])
         parents = self.parents
         if len(parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(parents)):
             raise ValueError(f"draft tree parents {parents} must give each of the {len(self.tokens)} tokens an "
                              "earlier parent index or -1")
-        if self.probs is not None:
-            raise ValueError("draft trees must be deterministic (probs None)")
         if len(set(zip(parents, self.tokens))) != len(parents):
             raise ValueError("sibling draft-tree nodes repeat a token")
         keep, index = [], {-1: -1}
@@ -161,7 +157,7 @@ class Draft:
             if depth <= room:
                 index[i] = len(keep)
                 keep.append(i)
-        return Draft([self.tokens[i] for i in keep], None, [index[parents[i]] for i in keep])
+        return Draft([self.tokens[i] for i in keep], [index[parents[i]] for i in keep])
 
     def depths(self) -> list[int]:
         """1-based depth of each draft token (its offset from the last accepted token)."""
@@ -179,7 +175,6 @@ class VerifyInput:
 
     For sequence ``seqs[i]``, rows ``row_start[i] : row_start[i] + 1 + len(drafts[i])`` of ``logits`` are the
     target's distributions after the last accepted token and after each draft token in turn.
-    ``draft_probs[i]`` is the drafter's distribution for each draft token, or None when deterministic.
     ``parents[i]`` is not None for a draft tree (see :class:`Draft`): row ``row_start[i] + 1 + j`` is then the
     distribution after draft ``j`` and its ancestors, and the answer is the accepted path's tokens plus one.
     """
@@ -188,7 +183,6 @@ class VerifyInput:
     logits: torch.Tensor
     row_start: list[int]
     drafts: list[list[int]]
-    draft_probs: list[torch.Tensor | None] = field(default_factory=list)
     parents: list[list[int] | None] = field(default_factory=list)
 
     def tree(self, i: int) -> list[int] | None:

@@ -1,12 +1,21 @@
 """Sampling math shared by plugins: logits processing (temperature, top-k, top-p) and draws.
 
-Per-request generators make sampling reproducible for a request whatever else runs in its batch.
+Every random draw is a pure function of the request's seed and the position of the token being drawn
+(:func:`draw`): the token at position ``t`` is ``argmax(p / E_t)`` over the vocabulary, where ``E_t`` is
+exponential noise generated from ``(seed, t)`` alone (the Gumbel-max trick in its exponential-race form,
+an exact sample from ``p``). So a seeded request gets the same tokens whatever it is batched with, whatever
+is aborted beside it, and whether or not it speculates: a drafter that samples draws its token for position
+``t`` with the same noise, and verification (:func:`verify_drafts`, :func:`verify_tree`) accepts a draft
+exactly when it is the token the target draws there (the coupling of draft and target through shared
+noise). The emitted tokens are the ones plain sampling gives with that seed.
 """
 from __future__ import annotations
 
 import torch
 
 from tokenmill.params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -34,64 +43,49 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token id from a 1-D distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for the draw at ``position`` of a request seeded ``seed`` (splitmix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
-def sample_next(logits: torch.Tensor, params_list: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """Sample one token per row of ``logits`` (``[rows, vocab]``), greedy rows in one argmax."""
+def position_noise(seed: int, position: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exponential(1) noise ``[vocab]`` (float64) for the draw at ``position``: a function of the two only."""
+    gen = torch.Generator(device=device).manual_seed(position_seed(seed, position))
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64, device=device)
+    return -torch.log1p(-u)  # u in [0, 1): noise in [0, inf)
+
+
+def draw(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token at ``position`` drawn from the 1-D distribution ``probs`` with the request's ``seed``."""
+    e = position_noise(seed, position, probs.shape[-1], probs.device)
+    p = probs.double()
+    return int(torch.where(p > 0, p / e, -1.0).argmax())
+
+
+def sample_next(logits: torch.Tensor, params_list: list[SamplingParams], seeds: list[int],
+                positions: list[int]) -> list[int]:
+    """Sample one token per row of ``logits`` (``[rows, vocab]``), greedy rows in one argmax; row ``i`` is the
+    token at ``positions[i]`` of a request seeded ``seeds[i]``."""
     out = logits.argmax(-1).tolist()
-    for row, (params, gen) in enumerate(zip(params_list, generators)):
+    for row, params in enumerate(params_list):
         if not params.greedy:
-            out[row] = draw(filtered_probs(logits[row], params), gen)
+            out[row] = draw(filtered_probs(logits[row], params), seeds[row], positions[row])
     return out
 
 
-def residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
-    """The distribution to resample from after a rejected draft: norm(max(0, target - draft))."""
-    r = (target - draft).clamp_min(0.0)
-    total = r.sum()
-    return r / total if total > 0 else target
-
-
-def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
-                  params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seed: int,
+                  position: int) -> list[int]:
     """Accept a prefix of ``drafts`` and append one token from the target, keeping the target's law exactly.
 
     :param logits: ``[len(drafts) + 1, vocab]`` target logits, row ``i`` predicting the token after draft
-        ``i - 1`` (row 0 after the last accepted token).
-    :param draft_probs: ``[len(drafts), vocab]`` distributions the drafts were drawn from (after the same
-        temperature / top-k / top-p), or None for deterministic drafts (one-hot).
-    :return: accepted drafts followed by one target token. Greedy: the longest prefix equal to the target's
-        argmax, then the target's argmax. Sampling (Leviathan et al.): accept draft ``x`` with probability
-        ``min(1, p(x) / q(x))``; on rejection draw from ``norm(max(0, p - q))``; if all are accepted draw a
-        bonus token from the last target row.
+        ``i - 1`` (row 0 after the last accepted token), i.e. the token at ``position + i``.
+    :return: at each row the target's own token (its argmax, or its :func:`draw` at that position); the
+        walk goes on while that token equals the draft. Every emitted token is the one plain decoding emits.
     """
-    if params.greedy:
-        best = logits.argmax(-1).tolist()
-        out = []
-        for i, tok in enumerate(drafts):
-            if tok != best[i]:
-                break
-            out.append(tok)
-        out.append(best[len(out)])
-        return out
-    out = []
-    for i, tok in enumerate(drafts):
-        p = filtered_probs(logits[i], params)
-        q = draft_probs[i] if draft_probs is not None else None
-        q_tok = float(q[tok]) if q is not None else 1.0
-        u = float(torch.rand((), generator=generator))
-        if q_tok > 0 and u < min(1.0, float(p[tok]) / q_tok):
-            out.append(tok)
-            continue
-        onehot = q if q is not None else torch.nn.functional.one_hot(torch.tensor(tok), p.shape[-1]).float()
-        out.append(draw(residual(p, onehot), generator))
-        return out
-    out.append(draw(filtered_probs(logits[len(drafts)], params), generator))
-    return out
+    return verify_tree(logits, drafts, list(range(-1, len(drafts) - 1)), params, seed, position)
 
 
 def tree_children(parents: list[int]) -> dict[int, list[int]]:
@@ -113,12 +107,13 @@ def tree_path(drafts: list[int], parents: list[int], accepted: list[int]) -> lis
 
 
 def verify_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params: SamplingParams,
-                generator: torch.Generator | None) -> list[int]:
+                seed: int, position: int) -> list[int]:
     """Accept a path of a draft *tree* (deterministic drafts) and append one target token, exactly.
 
     :param logits: ``[len(drafts) + 1, vocab]``: row 0 after the last accepted token, row ``i + 1`` after
         draft ``i`` (which followed its ancestors).
     :param parents: parent index of each draft (``-1`` = the root); siblings carry distinct tokens.
+    :param position: where the first emitted token goes (a node at depth ``d`` predicts ``position + d``).
     :return: the tokens along the accepted path, then one token from the target. At each node the target's
         token is chosen (argmax, or a draw from the filtered distribution) and the walk goes on into the
         child holding that token, if any: every emitted token is the target's own choice, so the law is the
@@ -128,7 +123,7 @@ def verify_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], par
     node, out = -1, []
     while True:
         row = logits[node + 1]
-        tok = int(row.argmax()) if params.greedy else draw(filtered_probs(row, params), generator)
+        tok = int(row.argmax()) if params.greedy else draw(filtered_probs(row, params), seed, position + len(out))
         out.append(tok)
         nxt = next((c for c in children.get(node, []) if drafts[c] == tok), None)
         if nxt is None:

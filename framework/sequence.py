@@ -5,7 +5,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from tokenmill.params import SamplingParams
 
@@ -34,7 +33,7 @@ class Sequence:
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int = 0  # the request's seed (or one drawn for it): every draw is a function of (seed, position)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

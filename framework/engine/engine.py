@@ -107,7 +107,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,),
                                                                             generator=self._seed_rng))
         seq = Sequence(seq_id=next(self._ids), request_id=rid, prompt_token_ids=ids, params=params,
-                       arrival_time=time.perf_counter(), generator=torch.Generator().manual_seed(seed))
+                       arrival_time=time.perf_counter(), seed=seed)
         seq.detok = IncrementalDetokenizer(self.tokenizer)
         self.requests[rid] = seq
         self.waiting.append(seq)
@@ -167,7 +167,6 @@ class Engine:
                          if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len)
         drafts = self._propose([s.seq for s in producing])
         draft_of = {s.seq.seq_id: d.tokens for s, d in zip(producing, drafts)}
-        probs_of = {s.seq.seq_id: d.probs for s, d in zip(producing, drafts)}
         tree_of = {s.seq.seq_id: d.parents for s, d in zip(producing, drafts) if d.parents is not None}
         items, trees = [], {}
         for s in plan.scheduled:
@@ -182,7 +181,6 @@ class Engine:
         try:
             out = self.runner.run(items, trees=trees)
             verify = VerifyInput([s.seq for s in producing], out.logits, [], [draft_of[s.seq.seq_id] for s in producing],
-                                 [probs_of[s.seq.seq_id] for s in producing],
                                  [tree_of.get(s.seq.seq_id) for s in producing] if tree_of else [])
             row = 0
             for d in verify.drafts:
@@ -219,7 +217,7 @@ class Engine:
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
                 drafted = draft_of[seq.seq_id]
                 if drafted:  # a tree counts the positions it speculated on (its depth)
-                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted, None,
+                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted,
                                                                                      tree_of[seq.seq_id]).depths())
                     num_draft += depth
                     num_accepted += len(toks) - 1
@@ -252,7 +250,6 @@ class Engine:
             n = 1 + len(verify.drafts[i])
             start = verify.row_start[i]
             one = VerifyInput([seq], verify.logits[start:start + n], [0], [verify.drafts[i]],
-                              [verify.draft_probs[i]] if verify.draft_probs else [],
                               [verify.tree(i)] if verify.parents else [])
             try:
                 accepted.append(self.hook.verify_tokens(batch=one)[0])

@@ -7,8 +7,9 @@ from tokenmill.sampling import sample_next, verify_drafts, verify_tree
 
 
 class Sampler(Plugin):
-    """Greedy / temperature / top-k / top-p sampling with per-request seeds, and speculative verification
-    (greedy prefix match, or exact speculative sampling) of draft chains and trees. Registered ``trylast``."""
+    """Greedy / temperature / top-k / top-p sampling, each draw a function of the request's seed and the
+    token's position, and exact verification of draft chains and trees (the target's own token at each
+    position, so drafts change speed, never tokens). Registered ``trylast``."""
 
     name = "sampler"
 
@@ -22,11 +23,11 @@ class Sampler(Plugin):
                 rows = batch.logits[start:start + 1 + len(d)]
                 tree = batch.tree(i)
                 if tree is not None:
-                    out.append(verify_tree(rows, d, tree, seq.params, seq.generator))
-                    continue
-                probs = batch.draft_probs[i] if batch.draft_probs else None
-                out.append(verify_drafts(rows, d, probs, seq.params, seq.generator))
+                    out.append(verify_tree(rows, d, tree, seq.params, seq.seed, seq.num_tokens))
+                else:
+                    out.append(verify_drafts(rows, d, seq.params, seq.seed, seq.num_tokens))
             return out
         rows = batch.logits[batch.row_start]
-        tokens = sample_next(rows, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        seqs = batch.seqs
+        tokens = sample_next(rows, [s.params for s in seqs], [s.seed for s in seqs], [s.num_tokens for s in seqs])
         return [[t] for t in tokens]

@@ -187,7 +187,6 @@ class DraftModelRunner:
             # 1) catch up: feed every token the draft has not seen (valid prefix kept), sample the first draft
             items.append((new, start, [self.rows[seq.seq_id][1]], 1))
         drafts: dict[int, list[int]] = {s.seq_id: [] for s in active}
-        probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in active}
         if not active:
             return [Draft([]) for _ in seqs]
         if spans:
@@ -199,23 +198,14 @@ class DraftModelRunner:
                 params = seq.params
                 if params.greedy:
                     tok = int(logits[row].argmax())
-                else:
-                    p = filtered_probs(logits[row], params)
-                    tok = draw(p, seq.generator)
-                    probs[seq.seq_id].append(p)
+                else:  # the noise the target's draw at this position uses: accepted when the two agree
+                    tok = draw(filtered_probs(logits[row], params), seq.seed, seq.num_tokens + step)
                 drafts[seq.seq_id].append(tok)
                 if step < k - 1:
                     pos = seq.num_tokens + step
                     self.seen[seq.seq_id].append(tok)
                     items.append(([tok], pos, [self.rows[seq.seq_id][1]], 1))
-        out = []
-        for seq in seqs:
-            if seq.seq_id in drafts:
-                pr = probs[seq.seq_id]
-                out.append(Draft(drafts[seq.seq_id], torch.stack(pr) if pr else None))
-            else:
-                out.append(Draft([]))
-        return out
+        return [Draft(drafts.get(seq.seq_id, [])) for seq in seqs]
 
 
 class Speculative(DrafterPlugin):

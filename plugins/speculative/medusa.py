@@ -85,9 +85,10 @@ class MedusaHeads(nn.Module):
         return heads.eval().requires_grad_(False), cfg
 
 
-def typical_accept(logits: torch.Tensor, drafts: list[int], params, generator, epsilon: float,
+def typical_accept(logits: torch.Tensor, drafts: list[int], params, seed: int, position: int, epsilon: float,
                    delta: float) -> list[int]:
-    """Medusa typical acceptance along a chain, then one token sampled from the target."""
+    """Medusa typical acceptance along a chain, then one token sampled from the target (``position``: where
+    the first emitted token goes)."""
     out = []
     for i, tok in enumerate(drafts):
         p = filtered_probs(logits[i], params)
@@ -96,12 +97,12 @@ def typical_accept(logits: torch.Tensor, drafts: list[int], params, generator, e
             out.append(tok)
         else:
             break
-    out.append(draw(filtered_probs(logits[len(out)], params), generator))
+    out.append(draw(filtered_probs(logits[len(out)], params), seed, position + len(out)))
     return out
 
 
-def typical_accept_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params, generator,
-                        epsilon: float, delta: float) -> list[int]:
+def typical_accept_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params, seed: int,
+                        position: int, epsilon: float, delta: float) -> list[int]:
     """Typical acceptance down a candidate tree: at each node the child the target finds most likely among
     those passing the criterion, then one token sampled from the target after the last accepted node."""
     children = tree_children(parents)
@@ -112,7 +113,7 @@ def typical_accept_tree(logits: torch.Tensor, drafts: list[int], parents: list[i
         bound = min(epsilon, delta * math.exp(-entropy))
         ok = [c for c in children.get(node, []) if float(p[drafts[c]]) > bound]
         if not ok:
-            out.append(draw(p, generator))
+            out.append(draw(p, seed, position + len(out)))
             return out
         node = max(ok, key=lambda c: float(p[drafts[c]]))
         out.append(drafts[node])
@@ -195,7 +196,7 @@ class Medusa(DrafterPlugin):
         top = logits.topk(self.ranks, dim=-1).indices.permute(1, 0, 2).tolist()  # [B, k, ranks]
         paths, parents = self.tree
         for j, i in enumerate(ready):
-            out[i] = Draft([top[j][len(p) - 1][p[-1]] for p in paths], None, parents)
+            out[i] = Draft([top[j][len(p) - 1][p[-1]] for p in paths], parents)
         return out
 
     @hookimpl
@@ -207,14 +208,15 @@ class Medusa(DrafterPlugin):
             d = batch.drafts[i]
             rows = batch.logits[batch.row_start[i]:batch.row_start[i] + 1 + len(d)]
             tree = batch.tree(i)
+            where = (seq.seed, seq.num_tokens)
             if tree is not None:
-                out.append(verify_tree(rows, d, tree, seq.params, seq.generator) if seq.params.greedy else
-                           typical_accept_tree(rows, d, tree, seq.params, seq.generator,
+                out.append(verify_tree(rows, d, tree, seq.params, *where) if seq.params.greedy else
+                           typical_accept_tree(rows, d, tree, seq.params, *where,
                                                self.options.typical_epsilon, self.options.typical_delta))
             elif seq.params.greedy:
-                out.append(verify_drafts(rows, d, None, seq.params, seq.generator))
+                out.append(verify_drafts(rows, d, seq.params, *where))
             else:
-                out.append(typical_accept(rows, d, seq.params, seq.generator, self.options.typical_epsilon,
+                out.append(typical_accept(rows, d, seq.params, *where, self.options.typical_epsilon,
                                           self.options.typical_delta))
         return out
 

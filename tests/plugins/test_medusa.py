@@ -52,11 +52,10 @@ def test_typical_acceptance_rule():
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     from tokenmill import SamplingParams as SP
 
-    gen = torch.Generator().manual_seed(0)
     # confident row 0 accepts its mode; flat row 1 (p = 0.25 each, H = ln 4) accepts anything above
     # min(0.09, 0.3 * exp(-ln 4)) = 0.075
-    assert typical_accept(logits, [0, 3], SP(temperature=1.0), gen, 0.09, 0.3)[:2] == [0, 3]
-    out = typical_accept(logits, [2], SP(temperature=1.0), gen, 0.09, 0.3)  # p(2) in row 0 is tiny: reject
+    assert typical_accept(logits, [0, 3], SP(temperature=1.0), 0, 10, 0.09, 0.3)[:2] == [0, 3]
+    out = typical_accept(logits, [2], SP(temperature=1.0), 0, 10, 0.09, 0.3)  # p(2) in row 0 is tiny: reject
     assert len(out) == 1
 
 
@@ -76,3 +75,15 @@ def test_tree_option_errors(tiny_llama_dir, trained_heads):
         with pytest.raises((PipelineError, ValueError), match=msg):
             Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
                 {"medusa": {"heads": str(trained_heads), "tree": tree}}]), progress=False)
+
+
+@pytest.mark.parametrize("tree", [None, TREE])
+def test_seeded_sampling_with_exact_medusa_is_plain_sampling(tiny_llama_dir, trained_heads, tree):
+    from tests.plugins.test_speculative import PAGED, seeded_runs
+
+    plain = seeded_runs(Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=PAGED), progress=False))
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+        {"medusa": {"heads": str(trained_heads), "adaptive": False, "tree": tree}}] + PAGED), progress=False)
+    for how, tokens in seeded_runs(pipe).items():
+        assert tokens == plain["alone"], how
+    assert pipe.stats()["spec"]["draft_tokens"] > 0

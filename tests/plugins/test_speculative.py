@@ -95,22 +95,23 @@ def tables(seed: int):
 
 
 def emitted_pairs(n: int, params: SamplingParams, seed: int = 0):
-    """Run speculative verification n times with k=2 drafts; return (first, second) token pairs, where a
-    missing second token is drawn the way the next engine step would (from the target)."""
+    """Run speculative verification for n request seeds with k=2 drafts drawn (from another distribution)
+    with the request's noise; return (first, second) token pairs, where a missing second token is drawn the
+    way the next engine step would (from the target, at position 1)."""
     t1, t2, d1, d2 = tables(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
     q1 = sampling.filtered_probs(d1, params)
-    firsts, pairs = [], []
-    for _ in range(n):
-        x1 = sampling.draw(q1, gen)
-        q2 = sampling.filtered_probs(d2[x1], params)
-        x2 = sampling.draw(q2, gen)
+    firsts, pairs, accepted = [], [], 0
+    for req in range(n):
+        x1 = sampling.draw(q1, req, 0)
+        x2 = sampling.draw(sampling.filtered_probs(d2[x1], params), req, 1)
         logits = torch.stack([t1, t2[x1], torch.zeros(V)])
-        out = sampling.verify_drafts(logits, [x1, x2], torch.stack([q1, q2]), params, gen)
+        out = sampling.verify_drafts(logits, [x1, x2], params, req, 0)
+        accepted += len(out) - 1
         if len(out) == 1:
-            out.append(sampling.draw(sampling.filtered_probs(t2[out[0]], params), gen))
+            out.append(sampling.draw(sampling.filtered_probs(t2[out[0]], params), req, 1))
         firsts.append(out[0])
         pairs.append((out[0], out[1]))
+    assert accepted > n // 10  # the coupled drafts really are accepted, often
     return firsts, pairs
 
 
@@ -148,10 +149,22 @@ def test_speculative_sampling_keeps_the_target_law(params):
         assert stat < CRIT[classes], (stat, classes)
 
 
-def test_law_test_catches_a_sampler_that_skips_residual_resampling(monkeypatch):
-    monkeypatch.setattr(sampling, "residual", lambda target, draft: target)  # the classic bug
+def test_law_test_catches_a_verifier_that_trusts_the_drafts(monkeypatch):
+    # accepting every draft emits the draft's law, not the target's: the chi-square test must see it
+    monkeypatch.setattr(sampling, "verify_tree", lambda logits, drafts, *a: list(drafts) + [0])
     stats = law_statistics(SamplingParams(temperature=1.0))
     assert any(stat > 3 * CRIT[classes] for stat, classes in stats), stats
+
+
+def test_draws_are_a_function_of_seed_and_position_only():
+    probs = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(3)), -1)
+    a = [sampling.draw(probs, 7, pos) for pos in range(40)]
+    assert a == [sampling.draw(probs.clone(), 7, pos) for pos in range(40)]  # no hidden stream state
+    assert a != [sampling.draw(probs, 8, pos) for pos in range(40)]
+    assert len(set(a)) > 5                                                   # positions differ
+    zeroed = probs.clone()
+    zeroed[a[0]] = 0.0
+    assert sampling.draw(zeroed / zeroed.sum(), 7, 0) != a[0]                 # a zero-probability token never wins
 
 
 def test_adaptive_switch_learns_the_faster_arm():
@@ -235,7 +248,7 @@ class TreeOracle:
             w = [(x + 1) % self.vocab for x in t]
             #       wrong  true  (under wrong) true  wrong  wrong  true
             tokens = [w[0], t[0], t[1], t[1], w[1], w[2], t[2]]
-            out.append(Draft(tokens, None, [-1, -1, 0, 1, 1, 3, 3]))
+            out.append(Draft(tokens, [-1, -1, 0, 1, 1, 3, 3]))
         return out
 
 
@@ -262,9 +275,9 @@ def test_tree_verification_follows_the_targets_choice():
     for row, best in enumerate([2, 0, 6, 0, 7]):  # root, then after drafts 0..3
         logits[row, best] = 5.0
     drafts, parents = [5, 2, 3, 6], [-1, -1, 1, 1]   # root -> {5, 2}; 2 -> {3, 6}
-    assert sampling.verify_tree(logits, drafts, parents, SamplingParams(), None) == [2, 6, 7]
+    assert sampling.verify_tree(logits, drafts, parents, SamplingParams(), 0, 0) == [2, 6, 7]
     assert sampling.tree_path(drafts, parents, [2, 6, 7]) == [1, 3]
-    assert sampling.verify_tree(logits, [4], [-1], SamplingParams(), None) == [2]
+    assert sampling.verify_tree(logits, [4], [-1], SamplingParams(), 0, 0) == [2]
 
 
 def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, reference):
@@ -273,16 +286,16 @@ def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, refere
     class BadTree:
         @hookimpl
         def propose_tokens(self, seqs):
-            return [Draft([1, 1], None, [-1, -1]) for _ in seqs]  # siblings repeat a token
+            return [Draft([1, 1], [-1, -1]) for _ in seqs]  # siblings repeat a token
 
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=PAGED), progress=False)
     pipe.pm.register(BadTree())
     with pytest.warns(RuntimeWarning, match="repeat a token"):
         out = [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
     assert out == reference and pipe.stats()["spec"]["draft_tokens"] == 0
-    assert Draft([5, 6, 7], None, [-1, 0, 0]).cut(1) == Draft([5], None, [-1])
+    assert Draft([5, 6, 7], [-1, 0, 0]).cut(1) == Draft([5], [-1])
     with pytest.raises(ValueError, match="earlier parent"):
-        Draft([5, 6], None, [-1, 1]).cut(4)
+        Draft([5, 6], [-1, 1]).cut(4)
 
 
 def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_dir, other_tiny, reference):
@@ -301,7 +314,7 @@ def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_di
 
     def draft(seqs):
         out = inner_draft(seqs)
-        copied.append(sum(1 for d in out if d.probs is None and len(d.tokens) > 3))  # only copies exceed k
+        copied.append(sum(1 for d in out if len(d.tokens) > 3))  # only copies exceed k
         return out
 
     plugin.runner.propose, plugin.draft = propose, draft
@@ -385,3 +398,56 @@ def test_share_kv_needs_a_self_draft(tiny_llama_dir, other_tiny):
     plugins = [{"speculative": {"draft": str(other_tiny)}}]
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
     assert pipe.pm.get_plugin("speculative").runner.target is None
+
+
+# ----------------------------------------------------------------- seeded sampling under speculation
+SEEDED = [(p, SamplingParams(max_tokens=12, temperature=0.8, seed=100 + i, ignore_eos=True))
+          for i, p in enumerate(PROMPTS)]
+OTHERS = [("an unrelated request " * (i + 1), SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True))
+          for i in range(3)]
+
+
+def seeded_runs(pipe) -> dict[str, list[list[int]]]:
+    """The seeded requests' tokens alone, in one batch with others, and with the others aborted mid-way."""
+    alone = [pipe.generate(p, params)[0].token_ids for p, params in SEEDED]
+    mixed = [r.token_ids for r in pipe.generate([p for p, _ in OTHERS + SEEDED],
+                                                [s for _, s in OTHERS + SEEDED])][len(OTHERS):]
+    others = [pipe.submit(p, params) for p, params in OTHERS]
+    mine = [pipe.submit(p, params) for p, params in SEEDED]
+    for _ in range(3):
+        pipe.step()
+    for rid in others:
+        pipe.abort(rid)
+    while pipe.engine.has_unfinished():
+        pipe.step()
+    aborted = [pipe.collect(rid).token_ids for rid in mine]
+    for rid in others:
+        pipe.collect(rid)
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+    return {"alone": alone, "mixed": mixed, "aborted": aborted}
+
+
+@pytest.fixture(scope="module")
+def plain_seeded(tiny_llama_dir):
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=PAGED), progress=False)
+    return seeded_runs(pipe)
+
+
+def test_plain_seeded_sampling_is_batch_invariant(plain_seeded):
+    assert plain_seeded["alone"] == plain_seeded["mixed"] == plain_seeded["aborted"]
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_model_self", "draft_model_other", "draft_model_lookup"])
+def test_seeded_sampling_under_speculation_is_plain_sampling(tiny_llama_dir, other_tiny, plain_seeded, drafter):
+    """Alone, beside other requests, or with those aborted: a seeded request samples the very tokens the plain
+    pipeline samples for it (each draw is a function of seed and position; verification is coupled to it)."""
+    plugins = [drafters(tiny_llama_dir, other_tiny)[drafter]] + PAGED
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    runs = seeded_runs(pipe)
+    for how, tokens in runs.items():
+        assert tokens == plain_seeded["alone"], how
+    spec = pipe.stats()["spec"]
+    if drafter == "draft_model_self":  # the same model drawing with the same noise: every draft is accepted
+        assert spec["acceptance_rate"] == 1.0
+    if drafter != "prompt_lookup":
+        assert spec["accepted_tokens"] > 0
