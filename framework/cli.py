@@ -45,7 +45,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return run_serve(args.pipelines, host=args.host, port=args.port, api_key=api_key or None,
                          max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                         drain_timeout=args.drain_timeout, log_level=args.log_level, progress=not args.quiet)
+                         drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+                         log_level=args.log_level, progress=not args.quiet)
     except OSError as exc:  # the address is taken or not ours
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds before a request is aborted with 504 (0: never)")
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    srv.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                     help="larger request bodies are refused with 413 (default: 16 MiB)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--quiet", action="store_true", help="no progress bars while loading")
     srv.set_defaults(func=_cmd_serve)

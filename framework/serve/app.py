@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill import __version__
 from tokenmill.serve import extra_routes, openai_routes
 from tokenmill.serve.metrics import ServeMetrics
-from tokenmill.serve.middleware import HTTPMetricsMiddleware
+from tokenmill.serve.middleware import BodyLimitMiddleware, HTTPMetricsMiddleware
 from tokenmill.serve.responses import GENERATION_ERRORS, drop_default_422, errors, streams
 from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from tokenmill.serve.service import (APIError, ClientGone, Delta, Final, GenerationCall, Interrupted, ServeConfig,
@@ -149,6 +149,7 @@ def create_app(pipelines: Any, config: ServeConfig | None = None, **options: Any
                               "health, readiness and Prometheus metrics. See docs/service.md.")
     app.state.service = service
     app.state.metrics = metrics
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # inside the metrics: 413s count
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, default_pipeline=service.default)
     _install_error_handlers(app)
     auth = [Depends(_make_auth(config.api_key))]

@@ -22,7 +22,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run_serve(paths: list[str], *, host: str, port: int, api_key: str | None, max_queued_requests: int,
-              request_timeout: float, drain_timeout: float, log_level: str = "info", progress: bool = True) -> int:
+              request_timeout: float, drain_timeout: float, max_body_bytes: int = 16 * 2**20, log_level: str = "info",
+              progress: bool = True) -> int:
     from tokenmill.pipeline import Pipeline
     from tokenmill.serve.server import serve
     from tokenmill.serve.service import ServeConfig
@@ -32,6 +33,8 @@ def run_serve(paths: list[str], *, host: str, port: int, api_key: str | None, ma
         raise ValueError(f"--max-queued-requests must be >= 0, got {max_queued_requests}")
     if request_timeout < 0 or drain_timeout < 0:
         raise ValueError("--request-timeout and --drain-timeout must be >= 0")
+    if max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be at least 1, got {max_body_bytes}")
     specs = [load_spec(p) for p in paths]  # every file is checked before anything loads or binds
     pipelines: list[tuple[str, object]] = []
     seen: dict[str, str] = {}
@@ -47,7 +50,8 @@ def run_serve(paths: list[str], *, host: str, port: int, api_key: str | None, ma
     print(f"[tokenmill] serving {names} on http://{host}:{port} (loading; GET /ready answers 200 when warm)",
           file=sys.stderr)
     config = ServeConfig(api_key=api_key, max_queued_requests=max_queued_requests,
-                         request_timeout=request_timeout or None, drain_timeout=drain_timeout)
+                         request_timeout=request_timeout or None, drain_timeout=drain_timeout,
+                         max_body_bytes=max_body_bytes)
     server = serve(pipelines, host=host, port=port, sock=sock, config=config, log_level=log_level,
                    exit_on_load_failure=True)
     return 1 if server.load_failed else 0

@@ -12,8 +12,10 @@ from typing import Any, AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from tokenmill.errors import RequestError
 from tokenmill.params import SamplingParams
 from tokenmill.serve.metrics import ServeMetrics, current_account
+from tokenmill.serve.prompt_limits import min_tokens
 from tokenmill.serve.worker import (Accepted, Delta, EngineWorker, Final, Interrupted, Rejected,
                                     RequestHandle)
 
@@ -51,6 +53,12 @@ class ServeConfig:
     drain_timeout: float = 30.0
     warmup: bool = True
     stats_timeout: float = 10.0
+    max_body_bytes: int = 16 * 2**20  # larger request bodies are refused with 413 before they are read
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_body_bytes, int) or isinstance(self.max_body_bytes, bool) or \
+                self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive number of bytes, got {self.max_body_bytes!r}")
 
 
 class Service:
@@ -164,6 +172,23 @@ class Service:
                                 f"{w.limits.max_model_len}, and the prompt needs at least one token), got "
                                 f"{params.max_tokens}", param=param)
 
+    def check_prompt_length(self, w: EngineWorker, prompt: Any, params: SamplingParams, param: str, *,
+                            fill_max_tokens: bool = False) -> None:
+        """400 for a text prompt whose character count alone proves that it cannot fit ``max_model_len`` (see
+        :mod:`tokenmill.serve.prompt_limits`), before anyone spends time tokenizing it."""
+        limit = w.limits.max_model_len
+        room = limit - (1 if fill_max_tokens else params.max_tokens)
+        if isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict)):
+            return  # token ids: the engine checks their exact count
+        chars, fewest = min_tokens(prompt, w.max_token_chars)
+        if fewest > room:
+            self.count(w, "invalid")
+            with_max = "" if fill_max_tokens else f" with max_tokens {params.max_tokens}"
+            raise APIError(400, f"{param} is too long for '{w.name}': its {chars} characters are at least {fewest} "
+                                f"tokens (no token of this model is longer than {w.max_token_chars} characters), "
+                                f"and max_model_len {limit} leaves room for at most {room} prompt tokens{with_max}",
+                           param=param, code="context_length_exceeded")
+
     def count(self, w: EngineWorker, outcome: str, n: int = 1) -> None:
         """Count ``n`` generation requests of ``w`` in tokenmill_requests_total, and mark the HTTP request as
         counted (so the metrics middleware does not count its 5xx again)."""
@@ -196,7 +221,8 @@ class GenerationCall:
 
     def __init__(self, service: Service, worker: EngineWorker, request: Request | None,
                  prompts: list[Any], params: SamplingParams, *, received: float, stream: bool = False,
-                 chat: bool = False, fill_max_tokens: bool = False, prefix: str = "req") -> None:
+                 chat: bool = False, fill_max_tokens: bool = False, prefix: str = "req",
+                 param: str | None = None) -> None:
         self.service = service
         self.worker = worker
         self.request = request
@@ -211,6 +237,9 @@ class GenerationCall:
                                       loop=self.loop, queue=self.queue, received=received, index=i, chat=chat,
                                       fill_max_tokens=fill_max_tokens, stream=stream)
                         for i, p in enumerate(prompts)]
+        # the request field holding the prompts, for error messages: indexed when the request carries several
+        self.param = param or ("prompts" if prefix == "batch" else "prompt")
+        self.fill_max_tokens = fill_max_tokens
         self.finals: dict[int, Final] = {}
         self.interrupted: str | None = None
         self._aborted: set[str] = set()
@@ -220,10 +249,41 @@ class GenerationCall:
         self._tracked = False
 
     # ------------------------------------------------------------------ phases
+    def param_of(self, h: RequestHandle) -> str:
+        if isinstance(h.prompt, list) and h.prompt and isinstance(h.prompt[0], dict):
+            return "messages"
+        return self.param if len(self.handles) == 1 else f"{self.param}[{h.index}]"
+
+    async def tokenize(self) -> None:
+        """Token ids of every prompt, computed on a pool thread, never on the engine thread (where a long text
+        stalled every running stream). Refuses at once a prompt too long to fit, by its length alone."""
+        svc, w = self.service, self.worker
+        for h in self.handles:
+            svc.check_prompt_length(w, h.prompt, h.params, self.param_of(h), fill_max_tokens=self.fill_max_tokens)
+        pipe = w.pipeline
+
+        def encode_all() -> tuple[RequestHandle, Exception] | None:
+            for h in self.handles:
+                try:
+                    h.token_ids = pipe.encode(h.prompt, chat=h.chat)
+                except (RequestError, ValueError) as exc:
+                    return h, exc
+            return None
+
+        failed = await asyncio.to_thread(encode_all)
+        if failed is not None:
+            h, exc = failed
+            svc.count(w, "invalid", len(self.handles))
+            param = self.param_of(h)
+            raise APIError(400, str(exc) if len(self.handles) == 1 else f"{param}: {exc}", param=param)
+
     async def start(self) -> None:
-        """Admit and submit; returns when the engine accepted every request (raises :class:`APIError`)."""
+        """Tokenize, admit and submit; returns when the engine accepted every request (raises
+        :class:`APIError`)."""
         svc = self.service
-        svc.admit(self.worker, len(self.handles))
+        svc.admit(self.worker, len(self.handles))  # refuse before tokenizing when the queue is full already
+        await self.tokenize()
+        svc.admit(self.worker, len(self.handles))  # admit and submit with nothing awaited in between
         svc.track(self)
         self._tracked = True
         self.worker.submit(self.handles)

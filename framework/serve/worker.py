@@ -24,6 +24,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import ModelLoadError, PipelineError, RequestError
 from tokenmill.params import SamplingParams
 from tokenmill.serve.metrics import outcome_for_status
+from tokenmill.serve.prompt_limits import max_token_chars
 
 log = logging.getLogger("tokenmill.serve")
 
@@ -85,6 +86,7 @@ class RequestHandle:
     chat: bool = False               # wrap a text prompt in the chat template
     fill_max_tokens: bool = False    # max_tokens = whatever room max_model_len leaves after the prompt
     stream: bool = False             # deliver Delta items (non-streaming calls only get Accepted/Final)
+    token_ids: list[int] | None = None  # the prompt tokenized by the handler (off the engine thread)
     # filled in by the worker thread
     prompt_tokens: int = 0
     submitted: float | None = None
@@ -128,6 +130,7 @@ class EngineWorker:
         self.state = "starting"
         self.error: str | None = None
         self.limits = self.pipeline.limits if is_pipeline else None
+        self.max_token_chars: int | None = None  # prompt_limits.max_token_chars of the tokenizer, once loaded
         self.info: dict | None = None
         self.ready = threading.Event()
         # counters read across threads: each is written by one thread only
@@ -185,6 +188,7 @@ class EngineWorker:
                 self.state = "loading"
                 self.pipeline = self._factory()
             self.limits = self.pipeline.limits
+            self.max_token_chars = max_token_chars(self.pipeline.tokenizer)
             self.state = "warming"
             if self.warmup:
                 self._warm_up()
@@ -327,7 +331,9 @@ class EngineWorker:
         failed: tuple[int, str] | None = None
         for i, h in enumerate(handles):
             try:
-                if isinstance(h.prompt, list) and h.prompt and isinstance(h.prompt[0], dict):
+                if h.token_ids is not None:
+                    ids = h.token_ids
+                elif isinstance(h.prompt, list) and h.prompt and isinstance(h.prompt[0], dict):
                     ids = pipe.apply_chat_template(h.prompt)
                 else:
                     ids = pipe.encode(h.prompt, chat=h.chat)
