@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -34,6 +35,7 @@ class QuantOptions:
     # GPTQ for the decoder blocks' linear layers: true (defaults) or a mapping of GPTQ settings (see gptq.py);
     # null/false rounds to nearest. Normalized to the full settings dict (recorded in checkpoints).
     gptq: dict | bool | None = None
+    gptq_cache: bool = True     # keep GPTQ results under $TOKENMILL_HOME/gptq (keyed by weights + settings)
 
     def __post_init__(self) -> None:
         from tokenmill.plugins.quant.gptq import gptq_settings
@@ -49,7 +51,7 @@ class QuantOptions:
 
     def settings(self) -> dict:
         """The options that decide the stored format (recorded in a checkpoint's manifest)."""
-        skip = {"load", "compute_dtype", "kernel_max_rows", "compile_kernels"}
+        skip = {"load", "compute_dtype", "kernel_max_rows", "compile_kernels", "gptq_cache"}
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
 
 
@@ -124,10 +126,27 @@ class QuantPlugin(Plugin):
         (the whole float model is needed); ``quantize_layer`` then hands out the results."""
         if self.options.load or not self.options.gptq:
             return
-        from tokenmill.plugins.quant.calibration import gptq_model
+        from tokenmill.plugins.quant import gptq_cache
+        from tokenmill.plugins.quant.calibration import calibration_ids, gptq_model
+        from tokenmill.plugins.quant.gptq import GPTQOptions
 
-        prepared, self.calibration = gptq_model(self, context.model, context.tokenizer, self.options.gptq,
-                                                progress=context.progress)
+        path = found = None
+        if self.options.gptq_cache:
+            g = GPTQOptions(**self.options.gptq)
+            key = gptq_cache.cache_key(self, context.model, calibration_ids(context.tokenizer, g.samples,
+                                                                            g.seq_len, g.seed))
+            path = gptq_cache.cache_path(self, key)
+            found = gptq_cache.load(self, path, context.device, context.dtype) if path.is_dir() else None
+        if found is not None:
+            prepared, self.calibration = found
+        else:
+            if context.progress:
+                print(f"{self.name}: GPTQ calibration (a few minutes on CPU for a small model; cached for later "
+                      f"builds{f' in {path}' if path else ''})", file=sys.stderr, flush=True)
+            prepared, self.calibration = gptq_model(self, context.model, context.tokenizer, self.options.gptq,
+                                                    progress=context.progress)
+            if path is not None:
+                gptq_cache.save(path, prepared, self.calibration)
         mods = dict(context.model.named_modules())
         self._prepared = {name: (weakref.ref(mods[name].weight), q) for name, q in prepared.items()}
 

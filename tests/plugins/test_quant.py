@@ -154,6 +154,15 @@ def tiny_qwen_dir(tmp_path_factory, tokenizer):
     return make_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2-quant"), tokenizer)
 
 
+@pytest.fixture(autouse=True)
+def private_gptq_cache(tmp_path, monkeypatch):
+    """GPTQ results are cached in a per-test directory, never in the user's cache."""
+    from tokenmill.plugins.quant import gptq_cache
+
+    monkeypatch.setattr(gptq_cache, "cache_path", lambda plugin, key: tmp_path / "gptq" / f"{plugin.name}-{key}")
+    return tmp_path / "gptq"
+
+
 def quant_pipe(model_dir, plugin: str, opts: dict | None = None, **extra) -> Pipeline:
     return Pipeline.from_dict(tiny_pipeline_dict(model_dir, plugins=[{plugin: opts or {}}], **extra), progress=False)
 
@@ -500,3 +509,28 @@ def test_perplexity_windows_score_every_token_once_with_context():
         for b, e, new in spans:
             assert e - b <= window and 1 <= new <= e - b - 1  # every target has a token of context in the window
         assert [e for _, e, _ in spans][-1] == total
+
+
+def test_gptq_results_are_cached_between_builds(tiny_qwen_dir, private_gptq_cache, monkeypatch, capsys):
+    """The second build with the same weights and settings loads GPTQ's results instead of calibrating;
+    other settings calibrate again; ``gptq_cache: false`` writes nothing."""
+    from tokenmill.plugins.quant import calibration
+
+    gptq = {"samples": 3, "seq_len": 48}
+    first = Pipeline.from_dict(tiny_pipeline_dict(tiny_qwen_dir, plugins=[{"nf4": {"compile_kernels": False,
+                                                                                   "gptq": gptq}}]))
+    assert "nf4: GPTQ calibration" in capsys.readouterr().err  # says what it prepares, and that it is cached
+    assert "cached" not in first.plugins["nf4"].calibration
+    assert len(list(private_gptq_cache.iterdir())) == 1
+    real = calibration.gptq_model
+    monkeypatch.setattr(calibration, "gptq_model", lambda *a, **k: pytest.fail("calibrated again"))
+    second = quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": gptq})
+    assert second.plugins["nf4"].calibration["cached"].startswith(str(private_gptq_cache))
+    assert second.plugins["nf4"].calibration["layers"] == first.plugins["nf4"].calibration["layers"] == 14
+    ids = torch.tensor([first.encode("cached codes are the same codes")])
+    with torch.inference_mode():
+        assert torch.equal(first.loaded.model(ids).logits, second.loaded.model(ids).logits)
+    monkeypatch.setattr(calibration, "gptq_model", real)
+    quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=1)})  # other settings
+    quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=2), "gptq_cache": False})
+    assert len(list(private_gptq_cache.iterdir())) == 2
