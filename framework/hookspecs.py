@@ -72,6 +72,19 @@ def configure(context):
     """
 
 
+@hookspec
+def wait_ready(timeout):
+    """Block until the preparation a plugin runs in the background after ``configure`` is done.
+
+    A plugin may move slow, optional preparation (the speculative drafter's ``torch.compile`` of its draft)
+    off the build, so the pipeline serves at once and the plugin joins in when it is ready (output is the
+    same either way, only speed differs). ``Pipeline.wait_ready()`` calls this, e.g. before a benchmark.
+
+    :param timeout: seconds to wait at most (None: until done).
+    :return: False if still preparing after ``timeout``; True or None otherwise. Every implementation is called.
+    """
+
+
 # -------------------- Step: every engine step (and the KV queries schedulers and the pipeline make)
 
 @hookspec(firstresult=True)

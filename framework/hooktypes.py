@@ -216,6 +216,7 @@ class PipelineContext:
     # the target's KV pool, to read only: a sequence's first ``num_computed_tokens`` positions hold its K/V at
     # the rows its ``block_table`` gives (a self-draft copies them instead of recomputing them)
     kv_pool: KVPool | None = None
+    progress: bool = False     # whether the build may print what it prepares (False under --quiet)
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ class Pipeline:
         self.pm.hook.configure(context=PipelineContext(
             model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
             device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
-            kv_pool=pool))
+            kv_pool=pool, progress=progress))
         self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits,
                              eos_token_ids=self._eos_ids(), seed=spec.seed)
 
@@ -224,6 +224,11 @@ class Pipeline:
                 self.engine.abort(rid)
         for failure in call_each(self.pm, "shutdown"):
             warnings.warn(f"{failure}; the other plugins are still shut down", RuntimeWarning, stacklevel=2)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for what plugins prepare in the background (``wait_ready`` hook), e.g. before timing the
+        pipeline; True when all of it is done within ``timeout`` seconds (None: however long it takes)."""
+        return all(r is not False for r in self.pm.hook.wait_ready(timeout=timeout))
 
     def __enter__(self) -> "Pipeline":
         return self

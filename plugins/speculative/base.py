@@ -34,8 +34,15 @@ class DrafterPlugin(Plugin):
     def draft(self, seqs: list[Sequence]) -> list:
         raise NotImplementedError
 
+    def ready(self) -> bool:
+        """Whether the drafter can draft yet (one preparing in the background is not: no speculation then)."""
+        return True
+
     @hookimpl
     def propose_tokens(self, seqs: list[Sequence]):
+        if not self.ready():
+            self.steps_off += 1
+            return None
         decoding = [s for s in seqs if s.num_output_tokens > 0]
         self.switch.never_above = self.batch_limit
         on = self.switch.decide(len(seqs)) if self.options.adaptive else (

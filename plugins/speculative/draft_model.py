@@ -20,7 +20,12 @@ prompt's prefill runs (its K/V not yet computed) gets no drafts.
 from __future__ import annotations
 
 import copy
+import sys
+import threading
+import time
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -228,6 +233,9 @@ class Speculative(DrafterPlugin):
         max_catch_up_ratio: float | None = 4.0
         # a self-draft copies the K/V the target computed instead of recomputing them (null: on for self-drafts)
         share_kv: bool | None = None
+        # compile_draft: compile the draft's graphs in a background thread while requests run without
+        # speculation (background), or before the build returns (build)
+        warm_up: Literal["background", "build"] = "background"
 
         def __post_init__(self) -> None:
             DrafterPlugin.Options.__post_init__(self)
@@ -245,6 +253,12 @@ class Speculative(DrafterPlugin):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.runner: DraftModelRunner | None = None
+        self._warming: threading.Thread | None = None
+        self._warm = threading.Event()
+        self._warm.set()
+        self.warm_up_s: float | None = None
+        self.warm_up_error: str | None = None
+        self._warned = False
 
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
@@ -280,11 +294,57 @@ class Speculative(DrafterPlugin):
             raise PipelineError("share_kv: this pipeline gives plugins no KV pool to share")
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
                                        compile_spec=compile_spec, target=context.kv_pool if share else None)
-        self.runner.warm_up()
+        if opts.compile_draft and opts.warm_up == "background":
+            self._warm.clear()
+            self._warming = threading.Thread(target=self._warm_up, args=(context.progress,), daemon=True,
+                                             name="tokenmill-draft-warm-up")
+            self._warming.start()
+        else:
+            self._warm_up(context.progress and opts.compile_draft)
         if opts.compile_draft and opts.max_batch_size is None:
             # above the largest bucket the draft runs eagerly (and its quantized kernels would compile inside
             # timed steps): no speculation there unless max_batch_size asks for it
             self.batch_limit = DRAFT_BUCKETS[-1]
+
+    def _warm_up(self, progress: bool) -> None:
+        """Compile the draft's graphs (the draft runner's warm-up), reporting what it does and for how long."""
+        background = self._warming is not None
+        if progress:
+            print(f"{self.name}: compiling the draft's decode graphs{' in the background' if background else ''} "
+                  "(minutes on a first run on CPU, seconds once torch's compile cache holds them)"
+                  + ("; requests run without speculation until then" if background else ""),
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            self.runner.warm_up()
+        except Exception as exc:  # speculation costs speed, never requests: run without it
+            if not background:
+                raise
+            self.warm_up_error = f"{type(exc).__name__}: {exc}"  # reported by the next step (ready())
+        finally:
+            self.warm_up_s = time.perf_counter() - t0
+            self._warm.set()
+        if progress:
+            print(f"{self.name}: draft compiled in {self.warm_up_s:.0f} s"
+                  + ("; speculating from now" if background else ""), file=sys.stderr, flush=True)
+
+    def ready(self) -> bool:
+        if not self._warm.is_set():
+            return False
+        if self.warm_up_error is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"plugin '{self.name}' failed to compile its draft ({self.warm_up_error}); it does not "
+                          "speculate", RuntimeWarning, stacklevel=2)
+        return self.warm_up_error is None
+
+    @hookimpl
+    def wait_ready(self, timeout: float | None) -> bool:
+        return self._warm.wait(timeout)
+
+    @hookimpl
+    def shutdown(self) -> None:
+        if self._warming is not None:
+            self._warming.join()  # a compile cannot be interrupted; it is bounded (a few graphs)
 
     def draft(self, seqs: list[Sequence]) -> list[Draft]:
         assert self.runner is not None, "configure was not called"

@@ -185,6 +185,7 @@ def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
     self_int8 draft of a tiny model agrees with its target almost always, and output stays exact."""
     plugins = [{"speculative": {"draft": "self_int8", "compile_draft": True, "adaptive": False}}] + PAGED
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    assert pipe.wait_ready()  # the draft compiles in the background; wait so every step may speculate
     out = [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
     assert out == reference
     drafter = pipe.pm.get_plugin("speculative")
@@ -451,3 +452,37 @@ def test_seeded_sampling_under_speculation_is_plain_sampling(tiny_llama_dir, oth
         assert spec["acceptance_rate"] == 1.0
     if drafter != "prompt_lookup":
         assert spec["accepted_tokens"] > 0
+
+
+def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, monkeypatch, capsys):
+    """The build returns while the draft compiles; requests run (without speculation) meanwhile, and
+    speculation starts once it is done; a failed compile costs speculation, not requests."""
+    import threading
+
+    from tokenmill.plugins.speculative.draft_model import DraftModelRunner
+
+    release, real = threading.Event(), DraftModelRunner.warm_up
+    monkeypatch.setattr(DraftModelRunner, "warm_up", lambda self: (release.wait(), real(self)))
+    plugins = [{"speculative": {"draft": "self_int8", "compile_draft": True, "adaptive": False}}] + PAGED
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins))
+    assert "compiling the draft's decode graphs in the background" in capsys.readouterr().err
+    assert pipe.wait_ready(timeout=0) is False
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == reference
+    assert pipe.stats()["spec"]["draft_tokens"] == 0  # still compiling: no speculation
+    release.set()
+    assert pipe.wait_ready()
+    assert "draft compiled in" in capsys.readouterr().err
+    assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == reference
+    assert pipe.stats()["spec"]["draft_tokens"] > 0
+    pipe.close()
+
+    def broken(self):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(DraftModelRunner, "warm_up", broken)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    assert pipe.wait_ready()
+    with pytest.warns(RuntimeWarning, match="plugin 'speculative' failed to compile its draft .*inductor exploded"):
+        assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == reference
+    assert pipe.stats()["spec"]["draft_tokens"] == 0
