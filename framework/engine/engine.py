@@ -225,6 +225,8 @@ class Engine:
                 generated += self._append(seq, toks, chunks)
                 if drafted and not seq.is_finished:
                     self.hook.trim_kv(seq=seq)
+                    keep = -(-seq.num_computed_tokens // self.kv.block_size)
+                    del seq.block_table[keep:]  # the blocks trim_kv released are not the sequence's any more
             except Exception as exc:
                 self._finish(seq, "error", error=self._error(exc), chunks=chunks)
         self.step_count += 1

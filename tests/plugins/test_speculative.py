@@ -70,6 +70,7 @@ def test_rejected_drafts_are_rolled_back_in_paged_kv(tiny_llama_dir, other_tiny)
         seq = pipe.engine.requests[rid]
         if not seq.is_finished:  # never more blocks than the accepted tokens need
             assert len(manager.tables[seq.seq_id]) == -(-seq.num_computed_tokens // 4)
+            assert seq.block_table == manager.tables[seq.seq_id]  # the engine's view drops the released blocks
         manager.check()
     spec = pipe.stats()["spec"]
     assert spec["accepted_tokens"] < spec["draft_tokens"]  # some drafts really were rejected
