@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.options import describe_path
 
 
 @dataclass(frozen=True, slots=True)
