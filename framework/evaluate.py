@@ -38,6 +38,8 @@ def strided_windows(total: int, window: int, stride: int) -> list[tuple[int, int
     """``(begin, end, new)`` per window over ``total`` tokens: ``data[begin:end]`` is run and its last ``new``
     tokens are scored. Every scored token has at least one token of context inside its window (so with
     ``stride == window`` a window starts one token before the previous one ended)."""
+    if window < 2 or stride < 1:
+        raise ValueError(f"need window >= 2 and stride >= 1, got window={window}, stride={stride}")
     out, prev_end, begin = [], 1, 0  # the first token is context only
     while prev_end < total:
         begin = min(begin, prev_end - 1)

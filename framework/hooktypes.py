@@ -139,7 +139,7 @@ class Draft:
     """
 
     tokens: list[int]
-    parents: list[int] | None = None
+    parents: list[int] | None = field(default=None, kw_only=True)
 
     def cut(self, room: int) -> "Draft":
         """At most ``room`` tokens deep: a chain keeps its first ``room`` tokens, a tree its nodes of depth <=
@@ -157,7 +157,7 @@ class Draft:
             if depth <= room:
                 index[i] = len(keep)
                 keep.append(i)
-        return Draft([self.tokens[i] for i in keep], [index[parents[i]] for i in keep])
+        return Draft([self.tokens[i] for i in keep], parents=[index[parents[i]] for i in keep])
 
     def depths(self) -> list[int]:
         """1-based depth of each draft token (its offset from the last accepted token)."""

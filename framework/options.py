@@ -41,6 +41,9 @@ class SpecPath(str):
         obj.written, obj.base = written, base
         return obj
 
+    def __reduce__(self):  # copy, deepcopy (dataclasses.asdict) and pickle rebuild it with its details
+        return SpecPath, (str(self), self.written, self.base)
+
 
 def describe_path(path: Any) -> str:
     """``path`` for an error message: a resolved pipeline path also says what was written and the base."""

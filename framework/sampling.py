@@ -51,17 +51,18 @@ def position_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def position_noise(seed: int, position: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Exponential(1) noise ``[vocab]`` (float64) for the draw at ``position``: a function of the two only."""
-    gen = torch.Generator(device=device).manual_seed(position_seed(seed, position))
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64, device=device)
+def position_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """Exponential(1) noise ``[vocab]`` (float64, on the CPU whatever the model's device, so the same on every
+    machine and for every vocabulary width's prefix) for the draw at ``position``: a function of the two only."""
+    gen = torch.Generator().manual_seed(position_seed(seed, position))
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64)
     return -torch.log1p(-u)  # u in [0, 1): noise in [0, inf)
 
 
 def draw(probs: torch.Tensor, seed: int, position: int) -> int:
     """The token at ``position`` drawn from the 1-D distribution ``probs`` with the request's ``seed``."""
-    e = position_noise(seed, position, probs.shape[-1], probs.device)
-    p = probs.double()
+    e = position_noise(seed, position, probs.shape[-1])
+    p = probs.detach().to("cpu", torch.float64)
     return int(torch.where(p > 0, p / e, -1.0).argmax())
 
 

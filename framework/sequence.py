@@ -5,7 +5,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from tokenmill.params import SamplingParams
 
 

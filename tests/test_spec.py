@@ -518,3 +518,18 @@ def test_missing_medusa_heads_error_names_the_written_path_and_the_base(tmp_path
     msg = str(info.value)
     assert str(tmp_path / "nowhere" / "heads") in msg
     assert "'nowhere/heads' resolved against the pipeline file's directory" in msg
+
+
+def test_resolved_paths_survive_copies_and_pickles(tmp_path):
+    import copy
+    import pickle
+    from dataclasses import asdict
+
+    path = write(tmp_path, """
+        model: smollm2-135m-instruct
+        plugins:
+          - medusa: {heads: h}
+    """)
+    opts = load_spec(path).plugins[0].options
+    for clone in (copy.deepcopy(opts.heads), pickle.loads(pickle.dumps(opts.heads)), asdict(opts)["heads"]):
+        assert clone == str(tmp_path / "h") and describe_path(clone) == describe_path(opts.heads)

@@ -217,7 +217,7 @@ class Engine:
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
                 drafted = draft_of[seq.seq_id]
                 if drafted:  # a tree counts the positions it speculated on (its depth)
-                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted,
+                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted, parents=
                                                                                      tree_of[seq.seq_id]).depths())
                     num_draft += depth
                     num_accepted += len(toks) - 1
@@ -311,7 +311,7 @@ class Engine:
                               self.limits.max_model_len - seq.num_tokens - 1))
             try:
                 d = d.cut(room)
-            except ValueError as exc:  # a malformed draft costs speed, not the request
+            except Exception as exc:  # a malformed draft costs speed, not the request
                 self._warn(HookFailure(answered_by(self.pm, "propose_tokens"), "propose_tokens", exc),
                            "its draft is dropped for this step")
                 d = Draft([])

@@ -66,10 +66,9 @@ def router(service: Service) -> APIRouter:
     async def tokenize(body: TokenizeRequest):
         w = service.worker(body.model, openai=True)
 
-        def encode(p) -> list[int]:
-            return p.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-
-        ids = await on_engine_thread(service, w, encode)
+        service.check_ready(w)  # tokenizing runs on a pool thread, never on the engine thread (a long text)
+        ids = await asyncio.to_thread(w.pipeline.tokenizer.encode, body.prompt,
+                                      add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": w.limits.max_model_len}
 
     @r.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 401, 404, 413, 503),

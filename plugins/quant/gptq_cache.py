@@ -26,14 +26,21 @@ SEP = "::"
 
 def cache_key(plugin, model, ids: torch.Tensor) -> str:
     """A hash of what GPTQ's output depends on: the float model's tensors, the settings, the calibration ids."""
+    import tokenmill.plugins.quant.calibration as calibration
+    import tokenmill.plugins.quant.gptq as gptq
+
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"format": FORMAT, "plugin": plugin.name, "settings": plugin.options.settings()},
-                        sort_keys=True, default=str).encode())
-    seen: set[int] = set()
+    h.update(json.dumps({"format": FORMAT, "plugin": plugin.name, "settings": plugin.options.settings(),
+                         "config": model.config.to_dict(), "torch": torch.__version__}, sort_keys=True,
+                        default=str).encode())
+    for mod in (gptq, calibration):  # a change to the algorithm invalidates what it produced
+        h.update(Path(mod.__file__).read_bytes())
+    seen: set[tuple] = set()
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:  # tied weights: hashed once
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key in seen:  # tied weights: hashed once
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(ids.to("cpu").numpy().tobytes())
@@ -54,21 +61,22 @@ def load(plugin, path: Path, device: torch.device, model_dtype: torch.dtype):
     from tokenmill.plugins.quant import LINEAR_KINDS
     from tokenmill.plugins.quant.base import resolve_compute_dtype
 
-    try:
-        meta = json.loads((path / META).read_text())
-        tensors = safe_open(str(path / WEIGHTS), framework="pt")
-    except (OSError, ValueError):
-        return None
     opts = plugin.options
     cd = resolve_compute_dtype(opts.compute_dtype, model_dtype, device)
     extra = {"compile_kernels": getattr(opts, "compile_kernels", True)}
-    out = {}
-    for name, layer in meta["layers"].items():
-        head = name + SEP
-        ts = {k[len(head):]: tensors.get_tensor(k) for k in tensors.keys() if k.startswith(head)}
-        out[name] = LINEAR_KINDS[layer["kind"]].from_portable(layer, ts, compute_dtype=cd, device=device,
-                                                              kernel_max_rows=opts.kernel_max_rows, **extra)
-    return out, {**meta["summary"], "cached": str(path)}
+    try:
+        meta = json.loads((path / META).read_text())
+        tensors = safe_open(str(path / WEIGHTS), framework="pt")
+        out = {}
+        for name, layer in meta["layers"].items():
+            head = name + SEP
+            ts = {k[len(head):]: tensors.get_tensor(k) for k in tensors.keys() if k.startswith(head)}
+            out[name] = LINEAR_KINDS[layer["kind"]].from_portable(layer, ts, compute_dtype=cd, device=device,
+                                                                  kernel_max_rows=opts.kernel_max_rows, **extra)
+        return out, {**meta["summary"], "cached": str(path)}
+    except Exception:  # truncated or foreign entry: drop it; the caller calibrates and writes it again
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 def save(path: Path, prepared: dict, summary: dict) -> None:

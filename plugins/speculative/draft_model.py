@@ -323,10 +323,12 @@ class Speculative(DrafterPlugin):
             self.warm_up_error = f"{type(exc).__name__}: {exc}"  # reported by the next step (ready())
         finally:
             self.warm_up_s = time.perf_counter() - t0
+            if progress:  # before the event: whoever waits for it sees the line
+                print(f"{self.name}: the draft failed to compile after {self.warm_up_s:.0f} s "
+                      f"({self.warm_up_error}); no speculation" if self.warm_up_error else
+                      f"{self.name}: draft compiled in {self.warm_up_s:.0f} s"
+                      + ("; speculating from now" if background else ""), file=sys.stderr, flush=True)
             self._warm.set()
-        if progress:
-            print(f"{self.name}: draft compiled in {self.warm_up_s:.0f} s"
-                  + ("; speculating from now" if background else ""), file=sys.stderr, flush=True)
 
     def ready(self) -> bool:
         if not self._warm.is_set():

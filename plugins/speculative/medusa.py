@@ -196,7 +196,7 @@ class Medusa(DrafterPlugin):
         top = logits.topk(self.ranks, dim=-1).indices.permute(1, 0, 2).tolist()  # [B, k, ranks]
         paths, parents = self.tree
         for j, i in enumerate(ready):
-            out[i] = Draft([top[j][len(p) - 1][p[-1]] for p in paths], parents)
+            out[i] = Draft([top[j][len(p) - 1][p[-1]] for p in paths], parents=parents)
         return out
 
     @hookimpl

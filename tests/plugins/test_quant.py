@@ -530,7 +530,11 @@ def test_gptq_results_are_cached_between_builds(tiny_qwen_dir, private_gptq_cach
     ids = torch.tensor([first.encode("cached codes are the same codes")])
     with torch.inference_mode():
         assert torch.equal(first.loaded.model(ids).logits, second.loaded.model(ids).logits)
+    entry = next(private_gptq_cache.iterdir())
+    (entry / "layers.safetensors").write_bytes(b"truncated")   # a broken entry is dropped and written again
     monkeypatch.setattr(calibration, "gptq_model", real)
+    again = quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": gptq})
+    assert "cached" not in again.plugins["nf4"].calibration and (entry / "meta.json").is_file()
     quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=1)})  # other settings
     quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=2), "gptq_cache": False})
     assert len(list(private_gptq_cache.iterdir())) == 2

@@ -250,7 +250,7 @@ class TreeOracle:
             w = [(x + 1) % self.vocab for x in t]
             #       wrong  true  (under wrong) true  wrong  wrong  true
             tokens = [w[0], t[0], t[1], t[1], w[1], w[2], t[2]]
-            out.append(Draft(tokens, [-1, -1, 0, 1, 1, 3, 3]))
+            out.append(Draft(tokens, parents=[-1, -1, 0, 1, 1, 3, 3]))
         return out
 
 
@@ -288,16 +288,16 @@ def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, refere
     class BadTree:
         @hookimpl
         def propose_tokens(self, seqs):
-            return [Draft([1, 1], [-1, -1]) for _ in seqs]  # siblings repeat a token
+            return [Draft([1, 1], parents=[-1, -1]) for _ in seqs]  # siblings repeat a token
 
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=PAGED), progress=False)
     pipe.pm.register(BadTree())
     with pytest.warns(RuntimeWarning, match="repeat a token"):
         out = [r.token_ids for r in pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))]
     assert out == reference and pipe.stats()["spec"]["draft_tokens"] == 0
-    assert Draft([5, 6, 7], [-1, 0, 0]).cut(1) == Draft([5], [-1])
+    assert Draft([5, 6, 7], parents=[-1, 0, 0]).cut(1) == Draft([5], parents=[-1])
     with pytest.raises(ValueError, match="earlier parent"):
-        Draft([5, 6], [-1, 1]).cut(4)
+        Draft([5, 6], parents=[-1, 1]).cut(4)
 
 
 def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_dir, other_tiny, reference):
