@@ -118,7 +118,8 @@ class EngineWorker:
 
     ``source`` is a built :class:`~tokenmill.Pipeline` or a zero-argument factory that builds one (called
     on the worker thread, so a server can answer ``/health`` while models load). ``state`` goes
-    ``starting -> loading -> warming -> ready`` (or ``failed``), then ``stopped``.
+    ``starting -> loading -> warming -> ready`` (or ``failed``), then ``stopped``. A pipeline the worker built
+    itself is closed when it stops (plugins' ``shutdown`` hooks run); one handed in stays its owner's.
     """
 
     def __init__(self, name: str, source: Any, metrics=None, *, warmup: bool = True) -> None:
@@ -208,6 +209,11 @@ class EngineWorker:
         try:
             self._loop()
         finally:
+            if self._factory is not None and self.pipeline is not None:
+                try:
+                    self.pipeline.close()
+                except Exception:  # closing must not hide the stop
+                    log.exception("closing pipeline '%s' failed", self.name)
             self.state = "stopped"
 
     def _warm_up(self) -> None:

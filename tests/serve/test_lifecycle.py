@@ -283,3 +283,26 @@ def test_idle_server_and_waiting_loop_burn_no_cpu(make_server, spare_pipeline):
     assert e2 - e1 > 0
     assert l2 - l1 <= max(0.05, 0.05 * wall), (f"the event loop used {l2 - l1:.3f} s of CPU while the engine "
                                                f"computed for {wall:.2f} s")
+
+
+def test_a_pipeline_the_worker_built_is_closed_when_it_stops(tiny_llama_dir):
+    """Plugins' shutdown hooks run when the service stops a pipeline it built; one handed in is left open."""
+    from tests.conftest import tiny_pipeline_dict
+    from tokenmill import Pipeline
+    from tokenmill.serve.worker import EngineWorker
+
+    built: list[Pipeline] = []
+
+    def factory() -> Pipeline:
+        built.append(Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False))
+        return built[-1]
+
+    handed = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    workers = [EngineWorker("built", factory, warmup=False), EngineWorker("handed", handed, warmup=False)]
+    for w in workers:
+        w.start()
+        assert w.ready.wait(60) and w.state == "ready", w.error
+        w.stop()
+        w.thread.join(60)
+        assert w.state == "stopped"
+    assert built[0].closed and not handed.closed
