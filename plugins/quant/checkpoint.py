@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.errors import PipelineError
-from tokenmill.options import describe_path
+from tokenmill.options import SpecPath, describe_path
 from tokenmill.plugins.quant.base import QuantizedEmbedding, QuantLinear, resolve_compute_dtype
 from tokenmill.plugins.quant.quantizer import QuantPlugin
 
@@ -90,20 +90,23 @@ def write_loading_pipeline(pipe, plugin: QuantPlugin, out: Path, source_yaml: st
     import yaml
 
     raw = dict(pipe.spec.raw)
+    resolved = {p.name: p.options for p in pipe.spec.plugins}
     plugins = []
     for item in raw.get("plugins") or []:
         name, opts = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        opts = dict(opts or {})
+        for key in opts:  # relative paths were resolved against the source file: keep them valid from `out`
+            value = getattr(resolved.get(name), key, None)
+            if isinstance(value, SpecPath):
+                opts[key] = str(value)
         if name == plugin.name:
-            opts = dict(opts or {}, load=str(out.resolve()))
+            opts = dict(opts, load=str(out.resolve()))
         plugins.append({name: opts} if opts else name)
     raw["plugins"] = plugins
     if raw.get("name"):
         raw["name"] = f"{raw['name']}-saved"
-    if source_yaml and not Path(str(raw.get("model", ""))).is_absolute():
-        base = Path(source_yaml).resolve().parent
-        candidate = base / str(raw["model"])
-        if candidate.exists():  # a relative model path stays valid from the new location
-            raw["model"] = str(candidate)
+    if isinstance(pipe.spec.model, SpecPath):  # a relative model path stays valid from the new location
+        raw["model"] = str(pipe.spec.model)
     path = out / "pipeline.yaml"
     head = f"# written by `tokenmill quantize {source_yaml or ''}`: loads the quantized weights saved here\n"
     path.write_text(head + yaml.safe_dump(raw, sort_keys=False))

@@ -294,7 +294,8 @@ class Speculative(DrafterPlugin):
             raise PipelineError("share_kv: this pipeline gives plugins no KV pool to share")
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
                                        compile_spec=compile_spec, target=context.kv_pool if share else None)
-        if opts.compile_draft and opts.warm_up == "background":
+        # CUDA graphs (reduce-overhead) are recorded per thread: compile them on the thread that runs them
+        if opts.compile_draft and opts.warm_up == "background" and opts.compile_mode != "reduce-overhead":
             self._warm.clear()
             self._warming = threading.Thread(target=self._warm_up, args=(context.progress,), daemon=True,
                                              name="tokenmill-draft-warm-up")

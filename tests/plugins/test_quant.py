@@ -538,3 +538,23 @@ def test_gptq_results_are_cached_between_builds(tiny_qwen_dir, private_gptq_cach
     quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=1)})  # other settings
     quant_pipe(tiny_qwen_dir, "nf4", {"compile_kernels": False, "gptq": dict(gptq, seed=2), "gptq_cache": False})
     assert len(list(private_gptq_cache.iterdir())) == 2
+
+
+def test_saved_pipeline_keeps_relative_paths_valid(tiny_qwen_dir, tmp_path, monkeypatch):
+    """`tokenmill quantize` writes a pipeline.yaml elsewhere: paths relative to the source file are written
+    out resolved, so the saved pipeline finds the same model and files."""
+    import shutil
+
+    import yaml
+
+    from tokenmill.plugins.quant.checkpoint import save_quantized
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen_dir, src / "model")
+    path = src / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_pipeline_dict("model", plugins=[{"int8": {}}])))
+    monkeypatch.chdir(tmp_path)  # not the file's directory
+    _, saved = save_quantized(Pipeline.from_yaml(path, progress=False), tmp_path / "out", source_yaml=str(path))
+    data = yaml.safe_load(saved.read_text())
+    assert data["model"] == str(src / "model")
+    assert Pipeline.from_yaml(saved, progress=False).quantized_layers
