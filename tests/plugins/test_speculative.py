@@ -350,7 +350,7 @@ def test_self_draft_shares_the_targets_kv(tiny_llama_dir, reference, layout):
     """A self-draft copies the K/V the target computed instead of recomputing them: it never runs more than
     SHARED_MAX_NEW tokens per sequence in a forward (no prompt prefill, no catch-up), its rows hold the
     target's K/V for every computed position, and greedy output equals plain decoding (batch 1 and mixed)."""
-    from tokenmill.plugins.speculative.draft_model import SHARED_MAX_NEW
+    from tokenmill.plugins.speculative.draft_runner import SHARED_MAX_NEW
 
     plugins = [{"speculative": {"draft": "self_int8", "adaptive": False}}] + (PAGED if layout == "paged" else [])
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
@@ -460,7 +460,7 @@ def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, mo
     speculation starts once it is done; a failed compile costs speculation, not requests."""
     import threading
 
-    from tokenmill.plugins.speculative.draft_model import DraftModelRunner
+    from tokenmill.plugins.speculative.draft_runner import DraftModelRunner
 
     release, real = threading.Event(), DraftModelRunner.warm_up
     monkeypatch.setattr(DraftModelRunner, "warm_up", lambda self: (release.wait(), real(self)))
