@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -163,17 +163,6 @@ def create_app(pipelines: Any, config: ServeConfig | None = None, **options: Any
     return app
 
 
-async def pipeline_call(service: Service, w, fn: Callable[[Any], Any]) -> Any:
-    """Run ``fn(pipeline)`` on the pipeline's engine thread (between steps) and return its result."""
-    if w.state != "ready":
-        service.check_ready(w)
-    try:
-        return await asyncio.wait_for(w.call(fn), service.config.stats_timeout)
-    except asyncio.TimeoutError:
-        raise APIError(503, f"pipeline '{w.name}' did not answer within {service.config.stats_timeout:g} s",
-                       code="engine_busy") from None
-
-
 def cache_view(name: str, kv: dict) -> dict:
     prefix = bool(kv.get("prefix_caching", False))
     nblocks = max(1, int(kv.get("num_blocks", 1)))
@@ -261,7 +250,7 @@ def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:
     @r.get("/v1/cache/stats", summary="Prefix-cache and KV statistics of one pipeline", responses=errors(400, 503))
     async def cache_stats(optimization: str | None = opt):
         w = service.worker(optimization)
-        kv = await pipeline_call(service, w, lambda p: p.stats()["kv"])
+        kv = await service.on_engine_thread(w, lambda p: p.stats()["kv"])
         return cache_view(w.name, kv)
 
     @r.delete("/v1/cache", summary="Drop cached prefix blocks that no running request uses",
@@ -274,7 +263,7 @@ def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:
             freed = p.clear_prefix_cache()
             return before, freed, p.stats()["kv"]
 
-        before, freed, after = await pipeline_call(service, w, clear)
+        before, freed, after = await service.on_engine_thread(w, clear)
         view = cache_view(w.name, after)
         block_bytes = after.get("pool_bytes", 0) / max(1, after.get("num_blocks", 1))
         return {"optimization": w.name, "prefix_caching": view["prefix_caching"], "freed_blocks": freed,

@@ -6,7 +6,7 @@ docs/service.md); ``model`` picks the pipeline as on the OpenAI routes (unknown:
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -48,16 +48,6 @@ class DetokenizeRequest(BaseModel):
         return v
 
 
-async def on_engine_thread(service: Service, w, fn: Callable[[Any], Any]) -> Any:
-    """``fn(pipeline)`` on the pipeline's engine thread, between steps."""
-    service.check_ready(w)
-    try:
-        return await asyncio.wait_for(w.call(fn), service.config.stats_timeout)
-    except asyncio.TimeoutError:
-        raise APIError(503, f"pipeline '{w.name}' did not answer within {service.config.stats_timeout:g} s",
-                       code="engine_busy") from None
-
-
 def router(service: Service) -> APIRouter:
     r = APIRouter(tags=["utility"])
 
@@ -84,7 +74,7 @@ def router(service: Service) -> APIRouter:
                                         f"'{w.name}'", param="tokens")
             return p.tokenizer.decode(body.tokens)
 
-        return {"prompt": await on_engine_thread(service, w, decode)}
+        return {"prompt": await service.on_engine_thread(w, decode)}
 
     @r.get("/version", response_model=VersionResponse, responses=errors(401), summary="The tokenmill version")
     async def version():

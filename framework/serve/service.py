@@ -145,6 +145,16 @@ class Service:
             raise APIError(503, f"pipeline '{w.name}' is still {w.state}; retry when GET /ready answers 200",
                            code="pipeline_loading", headers={"Retry-After": "2"})
 
+    async def on_engine_thread(self, w: EngineWorker, fn: Callable[[Any], Any]) -> Any:
+        """``fn(pipeline)`` on the pipeline's engine thread, between steps (also while draining)."""
+        if w.state != "ready":
+            self.check_ready(w)
+        try:
+            return await asyncio.wait_for(w.call(fn), self.config.stats_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"pipeline '{w.name}' did not answer within {self.config.stats_timeout:g} s",
+                           code="engine_busy") from None
+
     def admit(self, w: EngineWorker, n: int) -> None:
         try:
             self.check_ready(w)

@@ -11,6 +11,14 @@ from tests.serve.helpers import PAGED, Poisoned, Running, Slow, build_with_plugi
 from tokenmill import Pipeline  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_delay():
+    """Every service test starts and ends with the spare pipeline's step delay off."""
+    Slow.delay = 0.0
+    yield
+    Slow.delay = 0.0
+
+
 @pytest.fixture(scope="session")
 def serve_pipelines(tiny_llama_dir):
     """``tiny`` (fcfs + contiguous KV), ``tiny-paged`` (continuous batching + paged KV with prefix caching),

@@ -14,12 +14,6 @@ from tests.serve.helpers import Slow
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
-@pytest.fixture(autouse=True)
-def _no_delay():
-    Slow.delay = 0.0
-    yield
-    Slow.delay = 0.0
-
 
 # ---------------------------------------------------------------------------------------------- item 1
 def test_keep_alive_connection_has_no_nagle_stall(make_server, spare_pipeline):

@@ -20,12 +20,6 @@ from tokenmill.errors import ModelLoadError
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
-@pytest.fixture(autouse=True)
-def _no_delay():
-    Slow.delay = 0.0
-    yield
-    Slow.delay = 0.0
-
 
 def used_blocks(c: httpx.Client) -> int:
     return c.get("/v1/cache/stats").json()["used_blocks"]
@@ -230,12 +224,15 @@ def test_cli_serve_checks_files_before_loading(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def test_not_ready_until_loaded_and_failed_loads_reported(make_server, spare_pipeline):
+def test_not_ready_until_loaded_and_failed_loads_reported(make_server, tiny_llama_dir):
+    from tests.conftest import tiny_pipeline_dict
+    from tokenmill import Pipeline
+
     gate = threading.Event()
 
-    def slow_factory():
+    def slow_factory():  # builds its own pipeline, which the worker closes when it stops
         assert gate.wait(30)
-        return spare_pipeline
+        return Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, name="spare"), progress=False)
 
     def broken_factory():
         raise ModelLoadError("no model at /nowhere")
