@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from tokenmill.params import SamplingParams
-from tokenmill.serve.schemas import CHECKS, MAX_BATCH_PROMPTS, check_max_tokens, check_prompt, check_stop, check_text
-from tokenmill.serve.unsupported import CHAT, COMPLETIONS, refuse_unsupported
+from tokenmill.serve.schemas import MAX_BATCH_PROMPTS, CheckedRequest, check_max_tokens, check_prompt, check_stop, check_text
+from tokenmill.serve.unsupported import CHAT, COMPLETIONS
 
 
 class StreamOptions(BaseModel):
@@ -21,13 +21,10 @@ class StreamOptions(BaseModel):
     include_obfuscation: Optional[StrictBool] = Field(None, description="Accepted and ignored (no padding is sent).")
 
 
-class _OpenAIBase(BaseModel):
+class _OpenAIBase(CheckedRequest):
     """Fields common to completions and chat. Fields that would change the result and are not supported are
     refused by name (``unsupported.UNSUPPORTED``), other unknown fields as unknown; the harmless extras OpenAI
     clients send (``user``, ``metadata``, ``store`` ...) are declared here, accepted and ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-    route: ClassVar[str]
 
     model: Optional[str] = None
     max_tokens: Optional[StrictInt] = None
@@ -49,16 +46,6 @@ class _OpenAIBase(BaseModel):
     prompt_cache_key: Optional[str] = Field(None, description="Accepted and ignored (prefix caching is "
                                                               "automatic where the pipeline has it).")
     parallel_tool_calls: Optional[StrictBool] = Field(None, description="Accepted and ignored (no tools).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, data):
-        return refuse_unsupported(data, cls.route)
-
-    @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
-    @classmethod
-    def _ranges(cls, v, info):
-        return CHECKS[info.field_name](v)
 
     @field_validator("stop")
     @classmethod

@@ -81,10 +81,27 @@ CHECKS = {"max_tokens": check_max_tokens, "temperature": check_temperature, "top
           "top_k": check_top_k, "seed": check_seed}
 
 
-# ------------------------------------------------------------------------------------------- native API
-class _Sampling(BaseModel):
+class CheckedRequest(BaseModel):
+    """A request body of any route: unknown fields refused, unsupported ones refused by name
+    (``unsupported.UNSUPPORTED`` for ``route``), and the sampling numbers checked by :data:`CHECKS`."""
+
     model_config = ConfigDict(extra="forbid")
-    route: ClassVar[str] = NATIVE  # which entries of unsupported.UNSUPPORTED apply
+    route: ClassVar[str]  # which entries of unsupported.UNSUPPORTED apply
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        return refuse_unsupported(data, cls.route)
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed", check_fields=False)
+    @classmethod
+    def _ranges(cls, v, info):
+        return CHECKS[info.field_name](v)
+
+
+# ------------------------------------------------------------------------------------------- native API
+class _Sampling(CheckedRequest):
+    route: ClassVar[str] = NATIVE
 
     max_tokens: StrictInt = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
                                             "pipeline's max_model_len).")
@@ -97,16 +114,6 @@ class _Sampling(BaseModel):
     chat: StrictBool = Field(False, description="Wrap the prompt in the model's chat template.")
     optimization: Optional[str] = Field(None, description="Which of the server's pipelines runs the request "
                                                           "(its YAML `name:`); default: the first one.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, data):
-        return refuse_unsupported(data, cls.route)
-
-    @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed")
-    @classmethod
-    def _ranges(cls, v, info):
-        return CHECKS[info.field_name](v)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
