@@ -69,9 +69,11 @@ class PathBase:
 
     def resolve(self, value: str, kind: str = "always") -> str:
         """``value`` resolved per ``kind`` (see :data:`FilePath`, :data:`ModelRef`)."""
+        if not value:
+            return value
         written = os.path.expanduser(value)
-        if not value or os.path.isabs(written):
-            return value if not value else written
+        if os.path.isabs(written):
+            return written
         candidate = self.directory / written
         if kind == "model":
             from tokenmill.model.resolve import ALIASES

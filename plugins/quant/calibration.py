@@ -166,9 +166,11 @@ def _block_inputs(model, block, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
-def gptq_model(plugin: "QuantPlugin", model, tokenizer, settings: dict, *, progress: bool = False
-               ) -> tuple[dict[str, "QuantLinear"], dict]:
+def gptq_model(plugin: "QuantPlugin", model, tokenizer, settings: dict, *, progress: bool = False,
+               ids: torch.Tensor | None = None) -> tuple[dict[str, "QuantLinear"], dict]:
     """Quantize every linear layer in the decoder blocks that ``plugin`` selects, with GPTQ.
+
+    ``ids``: the calibration tokens when the caller drew them already (:func:`calibration_ids` of the settings).
 
     :return: (qualified name -> quantized module, a summary: settings, calibration tokens, seconds). The model
         is left as it was found (its weights are restored after each block).
@@ -179,7 +181,9 @@ def gptq_model(plugin: "QuantPlugin", model, tokenizer, settings: dict, *, progr
     opts = GPTQOptions(**settings)
     prefix, blocks = decoder_blocks(model)
     device = next(model.parameters()).device
-    ids = calibration_ids(tokenizer, opts.samples, opts.seq_len, opts.seed).to(device)
+    if ids is None:
+        ids = calibration_ids(tokenizer, opts.samples, opts.seq_len, opts.seed)
+    ids = ids.to(device)
     batches = list(ids.split(opts.batch_size))
     xs, extras = [], []
     for b in batches:

@@ -130,21 +130,20 @@ class QuantPlugin(Plugin):
         from tokenmill.plugins.quant.calibration import calibration_ids, gptq_model
         from tokenmill.plugins.quant.gptq import GPTQOptions
 
-        path = found = None
+        path = found = ids = None
         if self.options.gptq_cache:
             g = GPTQOptions(**self.options.gptq)
-            key = gptq_cache.cache_key(self, context.model, calibration_ids(context.tokenizer, g.samples,
-                                                                            g.seq_len, g.seed))
-            path = gptq_cache.cache_path(self, key)
+            ids = calibration_ids(context.tokenizer, g.samples, g.seq_len, g.seed)
+            path = gptq_cache.cache_path(self, gptq_cache.cache_key(self, context.model, ids))
             found = gptq_cache.load(self, path, context.device, context.dtype) if path.is_dir() else None
         if found is not None:
             prepared, self.calibration = found
         else:
             if context.progress:
-                print(f"{self.name}: GPTQ calibration (a few minutes on CPU for a small model; cached for later "
-                      f"builds{f' in {path}' if path else ''})", file=sys.stderr, flush=True)
+                print(f"{self.name}: GPTQ calibration (a few minutes on CPU for a small model"
+                      + (f"; cached for later builds in {path})" if path else ")"), file=sys.stderr, flush=True)
             prepared, self.calibration = gptq_model(self, context.model, context.tokenizer, self.options.gptq,
-                                                    progress=context.progress)
+                                                    progress=context.progress, ids=ids)
             if path is not None:
                 gptq_cache.save(path, prepared, self.calibration)
         mods = dict(context.model.named_modules())
