@@ -73,6 +73,18 @@ def configure(context):
 
 
 @hookspec
+def request_args():
+    """Declare the per-request arguments (``SamplingParams.plugin_args`` keys) this plugin reads.
+
+    Asked once, when the engine is built. A request naming a key no plugin declares is refused at submit,
+    with the list of declared keys.
+
+    :return: a dict ``{key: one-line description}`` (or None for none). Every implementation is called; two
+        plugins may declare the same key (both read it).
+    """
+
+
+@hookspec
 def wait_ready(timeout):
     """Block until the preparation a plugin runs in the background after ``configure`` is done.
 
@@ -86,6 +98,22 @@ def wait_ready(timeout):
 
 
 # -------------------- Step: every engine step (and the KV queries schedulers and the pipeline make)
+
+@hookspec
+def check_request(seq):
+    """Check a request as it is submitted, before it is queued.
+
+    Plugins validate the ``plugin_args`` keys they declared (and anything else of the request they depend
+    on) and may prepare per-request state here (e.g. compile a grammar). Called for every submitted request
+    on the engine's thread; keep it fast or cache what is slow.
+
+    :param seq: the new :class:`tokenmill.sequence.Sequence` (its ``params``, prompt and ``seed``); it is not
+        queued yet and holds no KV.
+    :return: None. Every implementation is called.
+    :raises ValueError: when the request is not acceptable to this plugin, with a message naming the
+        argument and what is allowed. The request is then refused with a ``RequestError`` naming the plugin
+        (nothing is queued; ``request_finished`` is called so state prepared by other plugins is dropped).
+    """
 
 @hookspec(firstresult=True)
 def schedule(state):
@@ -197,11 +225,37 @@ def propose_tokens(seqs):
     """
 
 
+@hookspec
+def process_logits(batch):
+    """Edit the logits of this step's producing rows before ``verify_tokens`` turns them into tokens.
+
+    Logits processors live here: penalties, biases, banned tokens, grammars (structured output),
+    watermarks. Every implementation is called, in pipeline order (YAML order, then autoload plugins, then
+    the built-in ``logits_processors`` that apply the request's ``SamplingParams`` penalties and biases),
+    each seeing the edits of those before it.
+
+    The rows include the rows of draft positions: row ``batch.row_start[i] + k`` of ``batch.logits`` is the
+    distribution of the token that follows ``batch.seqs[i].token_ids + batch.follows(i, k)`` (its position is
+    ``seqs[i].num_tokens + len(batch.follows(i, k))``). A processor that forbids a token at a draft row makes
+    verification reject a draft carrying it there, so speculation stays exact under any processor.
+
+    Edit ``batch.logits`` **in place** (a float32 ``[rows, vocab]`` tensor; the engine calls this hook under
+    ``torch.inference_mode()``), e.g. ``batch.logits[r].masked_fill_(banned, float("-inf"))``. Leave at
+    least one finite logit per row. Rows of requests a processor has nothing for are left as they are.
+
+    :param batch: :class:`tokenmill.hooktypes.VerifyInput`, the same object ``verify_tokens`` gets next.
+    :return: None. Every implementation is called.
+    :raises: nothing on purpose: if it raises, the step's producing requests are retried one by one and only
+        those it fails for finish with an error naming the plugin.
+    """
+
+
 @hookspec(firstresult=True)
 def verify_tokens(batch):
     """Turn the target model's logits into the tokens each sequence emits this step.
 
-    With no drafts this is plain sampling (greedy, temperature, top-k, top-p, per-request seed).
+    With no drafts this is plain sampling (greedy, temperature, top-k, top-p, min-p, per-request seed). The
+    logits are those ``process_logits`` left.
 
     :param batch: :class:`tokenmill.hooktypes.VerifyInput` with the sequences, their logits rows,
         drafts and draft distributions.
@@ -220,6 +274,19 @@ def step_end(stats):
     :param stats: :class:`tokenmill.hooktypes.StepStats` measured for the step.
     :return: None. Every implementation is called, even after one raises; each failure is a
         ``RuntimeWarning`` naming the plugin, and no request fails for it.
+    """
+
+
+@hookspec
+def request_finished(seq):
+    """Observe that a request is done (finished, stopped, aborted, failed, or refused at submit).
+
+    Called once per request after its KV is freed, so plugins can drop state they keep per request
+    (a grammar matcher, a penalty table).
+
+    :param seq: the finished :class:`tokenmill.sequence.Sequence` (``finish_reason`` says how it ended).
+    :return: None. Every implementation is called, even after one raises; each failure is a
+        ``RuntimeWarning`` naming the plugin, and nothing else fails for it.
     """
 
 

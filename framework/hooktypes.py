@@ -188,6 +188,19 @@ class VerifyInput:
     def tree(self, i: int) -> list[int] | None:
         return self.parents[i] if self.parents else None
 
+    def follows(self, i: int, k: int) -> list[int]:
+        """The draft tokens that row ``row_start[i] + k`` comes after, beyond ``seqs[i].token_ids``: none for
+        ``k == 0``, the first ``k`` drafts of a chain, or draft ``k - 1``'s path from the root of a tree."""
+        drafts = self.drafts[i]
+        parents = self.tree(i)
+        if parents is None:
+            return drafts[:k]
+        path, node = [], k - 1
+        while node >= 0:
+            path.append(drafts[node])
+            node = parents[node]
+        return path[::-1]
+
 
 @dataclass(slots=True)
 class CalibrationContext:
@@ -217,6 +230,7 @@ class PipelineContext:
     # the rows its ``block_table`` gives (a self-draft copies them instead of recomputing them)
     kv_pool: KVPool | None = None
     progress: bool = False     # whether the build may print what it prepares (False under --quiet)
+    eos_token_ids: frozenset[int] = frozenset()  # the tokens that end a request (unless it ignores EOS)
 
 
 @dataclass(slots=True)

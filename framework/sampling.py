@@ -1,4 +1,4 @@
-"""Sampling math shared by plugins: logits processing (temperature, top-k, top-p) and draws.
+"""Sampling math shared by plugins: the sampled distribution (temperature, top-k, top-p, min-p) and draws.
 
 Every random draw is a pure function of the request's seed and the position of the token being drawn
 (:func:`draw`): the token at position ``t`` is ``argmax(p / E_t)`` over the vocabulary, where ``E_t`` is
@@ -19,7 +19,8 @@ _MASK64 = (1 << 64) - 1
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution ``params`` samples from: softmax(logits / T) restricted by top-k and top-p.
+    """The distribution ``params`` samples from: softmax(logits / T) restricted by top-k, top-p, then min-p
+    (HF's warper order).
 
     :param logits: ``[..., vocab]`` raw logits.
     :return: float32 probabilities, renormalised, zero outside the kept set. For ``temperature == 0``
@@ -39,6 +40,10 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop_sorted = (cum - sorted_p) >= params.top_p  # keep the smallest prefix reaching top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if params.min_p > 0.0:
+        floor = params.min_p * probs.max(-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 

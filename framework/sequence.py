@@ -44,10 +44,14 @@ class Sequence:
     detok: Any = None
     user_data: dict = field(default_factory=dict)
     last_hidden: Any = None  # final hidden state at the last accepted token (drives Medusa heads)
+    logprobs: list | None = None  # TokenLogprob per generated token, when params.logprobs is not None
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (latest admission)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.logprobs is None and self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def prompt_len(self) -> int:

@@ -1,4 +1,5 @@
-"""The engine loop: schedule -> allocate_kv -> propose -> forward -> verify -> update, all through hooks."""
+"""The engine loop: schedule -> propose -> forward -> process logits -> verify -> update -> observe, all
+through hooks."""
 from __future__ import annotations
 
 import itertools
@@ -9,54 +10,18 @@ from collections import deque
 import torch
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.outputs import RequestOutput, StreamChunk
+from tokenmill.engine.kv_handle import EngineKV
+from tokenmill.engine.logits import process_logits, raw_rows, token_logprobs
+from tokenmill.engine.outputs import RequestOutput, StreamChunk, TokenLogprob
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
 from tokenmill.model import ModelRunner
-from tokenmill.hooktypes import Draft, ScheduleInput, SchedulerLimits, StepStats, VerifyInput
+from tokenmill.hooktypes import (Draft, ScheduledSeq, ScheduleInput, SchedulerLimits, SchedulerOutput, StepStats,
+                                 VerifyInput)
 from tokenmill.host import HookFailure, answered_by, blame, call_each
 from tokenmill.params import SamplingParams
 from tokenmill.sampling import tree_path
 from tokenmill.sequence import Sequence, SeqStatus
-
-
-class EngineKV:
-    """The :class:`tokenmill.hooktypes.KVHandle` the engine gives schedulers: routes to the KV hooks."""
-
-    def __init__(self, hook, block_size: int) -> None:
-        self.hook = hook
-        self.block_size = block_size
-
-    def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        assert num_cached_tokens == 0 or seq.num_computed_tokens == 0
-        result = self.hook.allocate_kv(seq=seq, num_new_tokens=num_new_tokens, num_cached_tokens=num_cached_tokens)
-        assert result is not None, "no plugin answered allocate_kv"
-        if result is False:
-            return False
-        seq.block_table = result.block_table
-        seq.num_computed_tokens += num_cached_tokens
-        return True
-
-    def cached_prefix(self, seq: Sequence) -> int:
-        if seq.num_computed_tokens:
-            return 0
-        return self.hook.match_prefix(seq=seq) or 0
-
-    def free(self, seq: Sequence, reusable: bool = True) -> None:
-        self.hook.free_kv(seq=seq, reusable=reusable)
-        seq.block_table = []
-
-    def num_free_tokens(self) -> int:
-        stats = self.hook.kv_stats()
-        return stats["free_blocks"] * stats["block_size"]
-
-    def num_slots(self, seq: Sequence) -> int:
-        return len(seq.block_table) * self.block_size
-
-    def capacity_tokens(self) -> int:
-        """Token slots of the whole pool: the most one sequence could ever hold."""
-        stats = self.hook.kv_stats()
-        return stats["num_blocks"] * stats["block_size"]
 
 
 class Engine:
@@ -81,6 +46,9 @@ class Engine:
         self.step_count = 0
         self.idle = False  # the last step scheduled nothing
         self._outbox: dict[str, StreamChunk] = {}  # chunks of requests finished between steps (abort)
+        self.request_args: dict[str, str] = {}  # plugin_args keys the plugins declared -> description
+        for declared in self.hook.request_args():
+            self.request_args.update(declared)
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -101,6 +69,7 @@ class Engine:
         if total > capacity:
             raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache ({capacity} "
                                "token slots); enlarge the KV pool or shorten the request")
+        self._check_tokens(params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -108,11 +77,41 @@ class Engine:
                                                                             generator=self._seed_rng))
         seq = Sequence(seq_id=next(self._ids), request_id=rid, prompt_token_ids=ids, params=params,
                        arrival_time=time.perf_counter(), seed=seed)
+        self._check_plugin_args(seq)
         seq.detok = IncrementalDetokenizer(self.tokenizer)
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.stats.on_arrival()
         return seq
+
+    def _check_tokens(self, params: SamplingParams) -> None:
+        vocab = self.vocab_size
+        for what, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                          ("bad_words_ids", [t for w in params.bad_words_ids for t in w])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise RequestError(f"{what} names token id {bad[0]}, outside this model's vocabulary [0, {vocab})")
+
+    def _check_plugin_args(self, seq: Sequence) -> None:
+        """Refuse plugin arguments no plugin declared, then let the plugins check theirs (``check_request``)."""
+        unknown = sorted(set(seq.params.plugin_args) - set(self.request_args))
+        if unknown:
+            known = ", ".join(f"'{k}' ({d})" for k, d in sorted(self.request_args.items())) or "none"
+            raise RequestError(f"plugin_args names {', '.join(map(repr, unknown))}, which no plugin of this pipeline "
+                               f"reads; the plugin arguments it accepts: {known}")
+        if not self.hook.check_request.get_hookimpls():
+            return
+        try:
+            self.hook.check_request(seq=seq)
+        except Exception as exc:
+            failure = blame(exc, "check_request")
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
+            for other in call_each(self.pm, "request_finished", seq=seq):
+                self._warn(other, "it may keep state for a refused request")
+            who = f"plugin '{failure.plugin}'" if failure.plugin else "a plugin"
+            if isinstance(exc, ValueError):
+                raise RequestError(f"{who} refused the request: {exc}") from None
+            raise RequestError(f"{failure}") from None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV; False if it is unknown or already finished."""
@@ -132,9 +131,36 @@ class Engine:
 
     # ----------------------------------------------------------------- the step
     def step(self) -> list[StreamChunk]:
-        """Run one engine step; return the new output of every request that produced some or finished."""
+        """Run one engine step; return the new output of every request that produced some or finished.
+
+        The phases: schedule -> propose drafts -> forward -> process logits -> verify -> update -> observe.
+        """
         t0 = time.perf_counter()
         chunks, self._outbox = self._outbox, {}
+        plan = self._schedule(t0, chunks)
+        if plan is None:
+            return list(chunks.values())
+        producing = [s for s in plan.scheduled if s.num_new_tokens == s.seq.num_uncomputed_tokens]
+        # a decode runs one token of a sequence whose prompt is all computed (not a 1-token prefill chunk)
+        num_decode = sum(1 for s in plan.scheduled
+                         if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len)
+        drafts = self._propose([s.seq for s in producing])
+        t_fwd = time.perf_counter()
+        forwarded = self._forward(plan, producing, drafts, chunks)
+        if forwarded is None:
+            return list(chunks.values())
+        verify, hidden = forwarded
+        raw = raw_rows(verify)
+        process_logits(self.hook, verify, lambda i, error: self._finish(verify.seqs[i], "error", error=error,
+                                                                        chunks=chunks))
+        accepted = self._verify(verify, chunks) if producing else []
+        forward_s = time.perf_counter() - t_fwd
+        counts = self._update(plan, verify, hidden, accepted, raw, chunks)
+        self._observe(plan, num_decode, t0, forward_s, *counts)
+        return list(chunks.values())
+
+    def _schedule(self, t0: float, chunks: dict[str, StreamChunk]) -> SchedulerOutput | None:
+        """Ask the scheduler; apply its rejections and preemptions; None when nothing runs this step."""
         shown = (tuple(self.waiting), tuple(self.running))
         try:
             plan = self.hook.schedule(state=ScheduleInput(*shown, self.limits, self.kv, t0))
@@ -144,14 +170,14 @@ class Engine:
             for seq in shown[0] + shown[1]:
                 self._finish(seq, "error", error=error, chunks=chunks)
             self.idle = False
-            return list(chunks.values())
+            return None
         for seq, reason in plan.rejected:
             self._finish(seq, "error", error=reason, chunks=chunks)
         for seq in plan.preempted:
             self._preempt(seq)
         self.idle = not plan.scheduled
         if not plan.scheduled:  # a scheduler may hold back on purpose (e.g. a batching window)
-            return list(chunks.values())
+            return None
         for item in plan.scheduled:
             seq = item.seq
             if seq.status is SeqStatus.WAITING:
@@ -160,75 +186,76 @@ class Engine:
                 seq.status = SeqStatus.RUNNING
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = t0
+        return plan
 
-        producing = [s for s in plan.scheduled if s.num_new_tokens == s.seq.num_uncomputed_tokens]
-        # a decode runs one token of a sequence whose prompt is all computed (not a 1-token prefill chunk)
-        num_decode = sum(1 for s in plan.scheduled
-                         if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len)
-        drafts = self._propose([s.seq for s in producing])
-        draft_of = {s.seq.seq_id: d.tokens for s, d in zip(producing, drafts)}
-        tree_of = {s.seq.seq_id: d.parents for s, d in zip(producing, drafts) if d.parents is not None}
+    def _forward(self, plan: SchedulerOutput, producing: list[ScheduledSeq], drafts: list[Draft],
+                 chunks: dict[str, StreamChunk]) -> tuple[VerifyInput, torch.Tensor] | None:
+        """Run the model over every scheduled token (drafts after their sequence's tokens); the producing rows'
+        logits as a :class:`VerifyInput` and their hidden states. None if the forward failed (its requests fail)."""
         items, trees = [], {}
+        draft_of = {s.seq.seq_id: d for s, d in zip(producing, drafts)}
         for s in plan.scheduled:
             seq = s.seq
             d = draft_of.get(seq.seq_id)
             c = seq.num_computed_tokens
-            new = seq.token_ids[c:c + s.num_new_tokens] + (d or [])
-            if seq.seq_id in tree_of:
-                trees[len(items)] = tree_of[seq.seq_id]
-            items.append((new, c, seq.block_table, 0 if d is None else 1 + len(d)))
-        t_fwd = time.perf_counter()
+            if d is not None and d.parents is not None:
+                trees[len(items)] = d.parents
+            items.append((seq.token_ids[c:c + s.num_new_tokens] + (d.tokens if d else []), c, seq.block_table,
+                          0 if d is None else 1 + len(d.tokens)))
         try:
             out = self.runner.run(items, trees=trees)
-            verify = VerifyInput([s.seq for s in producing], out.logits, [], [draft_of[s.seq.seq_id] for s in producing],
-                                 [tree_of.get(s.seq.seq_id) for s in producing] if tree_of else [])
+            tree = any(d.parents is not None for d in drafts)
+            verify = VerifyInput([s.seq for s in producing], out.logits, [], [d.tokens for d in drafts],
+                                 [d.parents for d in drafts] if tree else [])
             row = 0
-            for d in verify.drafts:
+            for d in drafts:
                 verify.row_start.append(row)
-                row += 1 + len(d)
+                row += 1 + len(d.tokens)
         except Exception as exc:  # a failing forward fails its step's requests, never the engine
             for s in plan.scheduled:
                 self._finish(s.seq, "error", error=self._error(exc), chunks=chunks)
-            return list(chunks.values())
-        accepted = self._verify(verify, chunks) if producing else []
-        forward_s = time.perf_counter() - t_fwd
+            return None
+        return verify, out.hidden
 
+    def _update(self, plan: SchedulerOutput, verify: VerifyInput, hidden: torch.Tensor, accepted: list[list[int]],
+                raw: dict[int, torch.Tensor], chunks: dict[str, StreamChunk]) -> tuple[int, int, int]:
+        """Advance every scheduled sequence by what it computed and emitted; (generated, drafted, accepted)."""
+        index = {seq.seq_id: i for i, seq in enumerate(verify.seqs)}
+        paths = self._tree_paths(verify, accepted, chunks) if verify.parents else {}
         generated = num_draft = num_accepted = 0
-        accepted_of = {s.seq.seq_id: a for s, a in zip(producing, accepted)}
-        paths = self._tree_paths(verify, accepted, chunks) if tree_of else {}
-        hidden = out.hidden
-        for i, s in enumerate(producing):
-            if accepted[i]:
-                path = paths.get(i)
-                last = (path[-1] + 1 if path else 0) if path is not None else len(accepted[i]) - 1
-                s.seq.last_hidden = hidden[verify.row_start[i] + last]
         for s in plan.scheduled:
             seq = s.seq
             if seq.is_finished:
                 continue
-            toks = accepted_of.get(seq.seq_id)
-            if toks is None:  # a middle prefill chunk
+            i = index.get(seq.seq_id)
+            if i is None:  # a middle prefill chunk
                 seq.num_computed_tokens += s.num_new_tokens
                 continue
+            toks, drafted, tree = accepted[i], verify.drafts[i], verify.tree(i)
             try:
-                if not 1 <= len(toks) <= 1 + len(draft_of[seq.seq_id]):
-                    raise RuntimeError(f"verify_tokens returned {len(toks)} tokens for "
-                                       f"{len(draft_of[seq.seq_id])} drafts (allowed: 1 to drafts + 1)")
+                if not 1 <= len(toks) <= 1 + len(drafted):
+                    raise RuntimeError(f"verify_tokens returned {len(toks)} tokens for {len(drafted)} drafts "
+                                       "(allowed: 1 to drafts + 1)")
+                rows = [0] + [j + 1 for j in paths[i]] if i in paths else list(range(len(toks)))
+                seq.last_hidden = hidden[verify.row_start[i] + rows[-1]]
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
-                drafted = draft_of[seq.seq_id]
                 if drafted:  # a tree counts the positions it speculated on (its depth)
-                    depth = len(drafted) if seq.seq_id not in tree_of else max(Draft(drafted, parents=
-                                                                                     tree_of[seq.seq_id]).depths())
+                    depth = len(drafted) if tree is None else max(Draft(drafted, parents=tree).depths())
                     num_draft += depth
                     num_accepted += len(toks) - 1
                     self.stats.on_drafts(depth, len(toks) - 1)
-                generated += self._append(seq, toks, chunks)
+                logprobs = None if i not in raw else token_logprobs(raw[i], rows, toks, seq.params.logprobs)
+                generated += self._append(seq, toks, chunks, logprobs)
                 if drafted and not seq.is_finished:
                     self.hook.trim_kv(seq=seq)
                     keep = -(-seq.num_computed_tokens // self.kv.block_size)
                     del seq.block_table[keep:]  # the blocks trim_kv released are not the sequence's any more
             except Exception as exc:
                 self._finish(seq, "error", error=self._error(exc), chunks=chunks)
+        return generated, num_draft, num_accepted
+
+    def _observe(self, plan: SchedulerOutput, num_decode: int, t0: float, forward_s: float, generated: int,
+                 num_draft: int, num_accepted: int) -> None:
         self.step_count += 1
         stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
@@ -237,7 +264,6 @@ class Engine:
         self.stats.on_step(stats)
         for failure in call_each(self.pm, "step_end", stats=stats):  # an observer never breaks a step
             self._warn(failure, "its step_end is skipped for this step")
-        return list(chunks.values())
 
     def _verify(self, verify: VerifyInput, chunks: dict[str, StreamChunk]) -> list[list[int]]:
         """Run ``verify_tokens``; if it raises, retry sequence by sequence so only the culprit fails."""
@@ -266,7 +292,7 @@ class Engine:
         paths = {}
         for i, seq in enumerate(verify.seqs):
             parents = verify.tree(i)
-            if parents is None or not accepted[i]:
+            if parents is None or not accepted[i] or seq.is_finished:
                 continue
             try:
                 path = tree_path(verify.drafts[i], parents, accepted[i])
@@ -321,7 +347,8 @@ class Engine:
             out.append(d)
         return out
 
-    def _append(self, seq: Sequence, toks: list[int], chunks: dict[str, StreamChunk]) -> int:
+    def _append(self, seq: Sequence, toks: list[int], chunks: dict[str, StreamChunk],
+                logprobs: list[TokenLogprob] | None = None) -> int:
         now = time.perf_counter()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -344,6 +371,9 @@ class Engine:
             if reason is not None:
                 self._finish(seq, reason, chunks=chunks)
                 break
+        if logprobs is not None:
+            seq.logprobs.extend(logprobs[:count])
+            chunk.logprobs = (chunk.logprobs or []) + logprobs[:count]
         self.stats.on_tokens(count, first=seq.num_output_tokens == count)
         if not seq.is_finished:
             hold = max((len(s) for s in params.stop), default=1) - 1
@@ -391,6 +421,9 @@ class Engine:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._free(seq, reusable=reason != "error")
+        seq.finish_reason = reason
+        for failure in call_each(self.pm, "request_finished", seq=seq):
+            self._warn(failure, f"it may keep state for request '{seq.request_id}'")
         if flush:
             seq.text += seq.detok.flush()
         seq.status = SeqStatus.FINISHED

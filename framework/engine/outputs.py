@@ -7,6 +7,16 @@ from tokenmill.sequence import Sequence
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution, and the most likely
+    alternatives at that position (``(token_id, logprob)``, best first; as many as ``SamplingParams.logprobs``)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """One finished request.
 
@@ -24,6 +34,8 @@ class RequestOutput:
     queue_s: float | None = None
     total_s: float | None = None
     num_preemptions: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids`` when the request asked
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_output_tokens(self) -> int:
@@ -46,6 +58,7 @@ class RequestOutput:
             queue_s=None if seq.first_scheduled_time is None else seq.first_scheduled_time - t0,
             total_s=None if seq.finish_time is None else seq.finish_time - t0,
             num_preemptions=seq.num_preemptions,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs), num_cached_tokens=seq.num_cached_tokens,
         )
 
 
@@ -58,3 +71,4 @@ class StreamChunk:
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     output: RequestOutput | None = None
+    logprobs: list[TokenLogprob] | None = None  # parallel to ``token_ids`` when the request asked
