@@ -25,9 +25,10 @@ from tokenmill.serve.metrics import ServeMetrics
 from tokenmill.serve.middleware import BodyLimitMiddleware, HTTPMetricsMiddleware
 from tokenmill.serve.responses import GENERATION_ERRORS, drop_default_422, errors, streams
 from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
-from tokenmill.serve.service import (APIError, ClientGone, Delta, Final, GenerationCall, Interrupted, ServeConfig,
-                                     Service, error_event, final_error, ms, raise_for_finals, run_stream, run_unary,
-                                     sse)
+from tokenmill.serve.call import ClientGone, GenerationCall
+from tokenmill.serve.replies import error_event, final_error, ms, raise_for_finals, run_stream, run_unary, sse
+from tokenmill.serve.service import APIError, ServeConfig, Service
+from tokenmill.serve.worker import Delta, Final, Interrupted
 
 log = logging.getLogger("tokenmill.serve")
 

@@ -14,8 +14,10 @@ from fastapi import APIRouter, Request
 from tokenmill.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
 from tokenmill.serve.responses import (GENERATION_ERRORS, ChatCompletionResponse, CompletionResponse, ModelCard,
                                        ModelList, errors, streams)
-from tokenmill.serve.service import (APIError, Delta, Final, GenerationCall, Interrupted, Service, error_event,
-                                     final_error, raise_for_finals, run_stream, run_unary, sse)
+from tokenmill.serve.call import GenerationCall
+from tokenmill.serve.replies import error_event, final_error, raise_for_finals, run_stream, run_unary, sse
+from tokenmill.serve.service import APIError, Service
+from tokenmill.serve.worker import Delta, Final, Interrupted
 
 OPENAI_REASONS = {"stop": "stop", "length": "length"}
 

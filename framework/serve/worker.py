@@ -1,5 +1,5 @@
 """One engine thread per pipeline: the only code that ever touches the :class:`~tokenmill.Pipeline`'s engine.
-(Handlers tokenize prompts themselves, on a pool thread, and hand over token ids: see ``GenerationCall``.)
+(Handlers tokenize prompts themselves, on a pool thread, and hand over token ids: see ``tokenmill.serve.call.GenerationCall``.)
 
 HTTP handlers (on the asyncio event loop) post commands to :class:`EngineWorker` through a thread-safe
 queue: submit, abort, or "run this function on the pipeline" (stats snapshots, cache clearing). The worker
