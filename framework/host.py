@@ -40,9 +40,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "int8": "tokenmill.plugins.quant.int8:Int8",
     "int4": "tokenmill.plugins.quant.int4:Int4",
     "nf4": "tokenmill.plugins.quant.nf4:NF4",
+    "structured_output": "tokenmill.plugins.structured:StructuredOutput",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
-DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler")
+DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler", "structured_output")
 
 FIRSTRESULT_HOOKS: tuple[str, ...] = tuple(
     name for name in dir(hookspecs)

@@ -19,6 +19,8 @@ BUILTIN_HOOKS = {
     "fcfs": ["schedule"],
     "contiguous_kv": ["allocate_kv", "free_kv", "init_kv_cache", "kv_stats", "trim_kv"],
     "sampler": ["verify_tokens"],
+    "structured_output": ["check_request", "configure", "process_logits", "request_args", "request_finished",
+                          "shutdown"],
 }
 
 

@@ -1,0 +1,162 @@
+"""``structured_output``: per-request grammars (JSON schema, any JSON object, regex, choice, EBNF) that mask the
+logits, draft rows included, so a constrained request only ever emits what its grammar allows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.hooktypes import PipelineContext, VerifyInput
+from tokenmill.plugin import Plugin, hookimpl
+from tokenmill.plugins.structured.grammars import GrammarCache
+from tokenmill.plugins.structured.masks import Bitmasks
+from tokenmill.plugins.structured.spec import DESCRIPTION, KEY, parse_spec
+from tokenmill.sequence import Sequence
+
+
+@dataclass(slots=True)
+class RequestGrammar:
+    """One request's matcher: it has accepted the request's first ``consumed`` output tokens; ``done`` once it
+    accepted a stop token (from then on only stop tokens are allowed)."""
+
+    matcher: Any
+    consumed: int = 0
+    done: bool = False
+
+
+class StructuredOutput(Plugin):
+    """Constrains requests that carry ``plugin_args["structured_output"]`` (see :data:`spec.FORMS`) with
+    xgrammar. Specs are checked and compiled at submit (``check_request``; compiled grammars are cached by spec);
+    each step every constrained row's bitmask is filled by the request's matcher and all of them are applied in
+    one tensor op. When the grammar is complete only the EOS tokens are allowed, so the request ends with
+    finish_reason "stop". Requests without the argument cost nothing. Registered by default, ``trylast``."""
+
+    name = KEY
+
+    @dataclass(slots=True)
+    class Options:
+        cache_size: int = 64  # compiled grammars kept (least recently used dropped first)
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.cache_size, int) or self.cache_size < 1:
+                raise ValueError(f"cache_size must be an integer >= 1, got {self.cache_size!r}")
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.grammars: GrammarCache | None = None
+        self.masks: Bitmasks | None = None
+        self.states: dict[int, RequestGrammar] = {}  # seq_id -> matcher of a constrained request
+        self.tokenizer = None
+        self.vocab = 0
+        self.stop_ids: frozenset[int] = frozenset()
+
+    @hookimpl(trylast=True)
+    def configure(self, context: PipelineContext) -> None:
+        config = getattr(context.model, "config", None)
+        vocab = getattr(config, "vocab_size", None) or len(context.tokenizer)
+        eos = sorted(context.eos_token_ids) or [context.tokenizer.eos_token_id]
+        self.tokenizer, self.stop_ids = context.tokenizer, frozenset(eos)
+        self.grammars = GrammarCache(context.tokenizer, vocab, eos, self.options.cache_size)
+        self.vocab = vocab
+
+    @hookimpl(trylast=True)
+    def request_args(self) -> dict[str, str]:
+        return {KEY: DESCRIPTION}
+
+    @hookimpl(trylast=True)
+    def check_request(self, seq: Sequence) -> None:
+        value = seq.params.plugin_args.get(KEY)
+        if value is None:
+            return
+        spec = parse_spec(value)
+        if self.grammars is None:
+            raise ValueError(f"{KEY} is unavailable: the pipeline was not configured")
+        compiled = self.grammars.get(spec)
+        if self.masks is None:
+            self.masks = Bitmasks(self.grammars.xgr, self.vocab, sorted(self.stop_ids))
+        self.states[seq.seq_id] = RequestGrammar(self.grammars.matcher(compiled))
+
+    @hookimpl(trylast=True)
+    def request_finished(self, seq: Sequence) -> None:
+        self.states.pop(seq.seq_id, None)
+
+    @hookimpl(trylast=True)
+    def shutdown(self) -> None:
+        self.states.clear()
+
+    @hookimpl(trylast=True)
+    def process_logits(self, batch: VerifyInput) -> None:
+        if not self.states:
+            return
+        work = [(i, st) for i, seq in enumerate(batch.seqs) if (st := self.states.get(seq.seq_id)) is not None]
+        if not work:
+            return
+        masks = self.masks.rows(batch.logits.shape[0])
+        rows: list[int] = []  # logits rows whose mask row is filled
+        for i, st in work:
+            self._catch_up(st, batch.seqs[i])
+            self._fill(st, batch, i, masks, rows)
+        if rows:
+            self.masks.apply(batch.logits, masks, rows)
+
+    def _catch_up(self, st: RequestGrammar, seq: Sequence) -> None:
+        """Advance the matcher over the output tokens the engine appended since the last step."""
+        out = seq.token_ids[seq.prompt_len:]
+        if st.consumed > len(out):  # tokens were taken back: start again from the prompt
+            st.matcher.reset()
+            st.consumed, st.done = 0, False
+        for tok in out[st.consumed:]:
+            if st.done:
+                ok = tok in self.stop_ids
+            else:
+                ok = st.matcher.accept_token(tok)
+                st.done = ok and st.matcher.is_terminated()
+            if not ok:
+                text = self.tokenizer.decode([tok]) if self.tokenizer is not None else "?"
+                raise RuntimeError(f"request '{seq.request_id}' emitted token {tok} ({text!r}) at output position "
+                                   f"{st.consumed}, which its {KEY} grammar does not allow (its logits were not "
+                                   "masked, or a later processor unbanned it)")
+            st.consumed += 1
+
+    def _fill(self, st: RequestGrammar, batch: VerifyInput, i: int, masks: torch.Tensor, rows: list[int]) -> None:
+        """Fill the bitmask of each reachable row of sequence ``i`` (appending to ``rows``): the matcher walks to
+        the row along ``batch.follows(i, k)`` from where the last row left it. Rows after a draft token the
+        grammar refuses cannot be reached (verification rejects that token) and stay as they are."""
+        m, start, chain = st.matcher, batch.row_start[i], batch.tree(i) is None
+        path: list[int] = []  # draft tokens walked beyond the request's tokens
+        fed: list[bool] = []  # whether the matcher accepted path[j] (False: a stop token after the end)
+        for k in range(1 + len(batch.drafts[i])):
+            want = batch.follows(i, k) if k else []
+            same = 0
+            while same < min(len(path), len(want)) and path[same] == want[same]:
+                same += 1
+            if same < len(path):
+                self._rollback(m, sum(fed[same:]))
+                del path[same:], fed[same:]
+            refused = False
+            for tok in want[same:]:
+                if st.done or m.is_terminated():
+                    accepted, fed_now = tok in self.stop_ids, False
+                else:
+                    accepted = fed_now = m.accept_token(tok)
+                if not accepted:
+                    refused = True
+                    break
+                path.append(tok)
+                fed.append(fed_now)
+            if refused:
+                if chain:
+                    break  # every later row of a chain comes after the refused token
+                continue
+            if st.done or m.is_terminated():
+                masks[start + k] = self.masks.stop_only
+            elif not m.fill_next_token_bitmask(masks, start + k):
+                continue  # every token is allowed here
+            rows.append(start + k)
+        self._rollback(m, sum(fed))
+
+    @staticmethod
+    def _rollback(matcher, n: int) -> None:
+        if n:
+            matcher.rollback(n)
