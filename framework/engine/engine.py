@@ -9,6 +9,7 @@ from collections import deque
 
 import torch
 
+from tokenmill.engine.admission import check_plugin_args, check_tokens, declared_args
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.kv_handle import EngineKV
 from tokenmill.engine.logits import process_logits, raw_rows, token_logprobs
@@ -46,9 +47,7 @@ class Engine:
         self.step_count = 0
         self.idle = False  # the last step scheduled nothing
         self._outbox: dict[str, StreamChunk] = {}  # chunks of requests finished between steps (abort)
-        self.request_args: dict[str, str] = {}  # plugin_args keys the plugins declared -> description
-        for declared in self.hook.request_args():
-            self.request_args.update(declared)
+        self.request_args = declared_args(pm)  # plugin_args keys the plugins declared -> description
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -56,20 +55,8 @@ class Engine:
         """Queue a request. Invalid input raises :class:`RequestError` and leaves the engine untouched."""
         params = params or SamplingParams()
         ids = list(prompt_token_ids)
-        if not ids:
-            raise RequestError("the prompt is empty: give at least one token of text")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        total = len(ids) + params.max_tokens
-        if total > self.limits.max_model_len:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the pipeline's "
-                f"max_model_len of {self.limits.max_model_len}; shorten the prompt or lower max_tokens")
-        capacity = self.kv.capacity_tokens()
-        if total > capacity:
-            raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole KV cache ({capacity} "
-                               "token slots); enlarge the KV pool or shorten the request")
-        self._check_tokens(params)
+        check_tokens(ids, params, vocab_size=self.vocab_size, limits=self.limits,
+                     kv_capacity=self.kv.capacity_tokens())
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -77,41 +64,12 @@ class Engine:
                                                                             generator=self._seed_rng))
         seq = Sequence(seq_id=next(self._ids), request_id=rid, prompt_token_ids=ids, params=params,
                        arrival_time=time.perf_counter(), seed=seed)
-        self._check_plugin_args(seq)
+        check_plugin_args(self.pm, seq, self.request_args)
         seq.detok = IncrementalDetokenizer(self.tokenizer)
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.stats.on_arrival()
         return seq
-
-    def _check_tokens(self, params: SamplingParams) -> None:
-        vocab = self.vocab_size
-        for what, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
-                          ("bad_words_ids", [t for w in params.bad_words_ids for t in w])):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise RequestError(f"{what} names token id {bad[0]}, outside this model's vocabulary [0, {vocab})")
-
-    def _check_plugin_args(self, seq: Sequence) -> None:
-        """Refuse plugin arguments no plugin declared, then let the plugins check theirs (``check_request``)."""
-        unknown = sorted(set(seq.params.plugin_args) - set(self.request_args))
-        if unknown:
-            known = ", ".join(f"'{k}' ({d})" for k, d in sorted(self.request_args.items())) or "none"
-            raise RequestError(f"plugin_args names {', '.join(map(repr, unknown))}, which no plugin of this pipeline "
-                               f"reads; the plugin arguments it accepts: {known}")
-        if not self.hook.check_request.get_hookimpls():
-            return
-        try:
-            self.hook.check_request(seq=seq)
-        except Exception as exc:
-            failure = blame(exc, "check_request")
-            seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"
-            for other in call_each(self.pm, "request_finished", seq=seq):
-                self._warn(other, "it may keep state for a refused request")
-            who = f"plugin '{failure.plugin}'" if failure.plugin else "a plugin"
-            if isinstance(exc, ValueError):
-                raise RequestError(f"{who} refused the request: {exc}") from None
-            raise RequestError(f"{failure}") from None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV; False if it is unknown or already finished."""
@@ -355,9 +313,14 @@ class Engine:
         chunk = chunks.setdefault(seq.request_id, StreamChunk(seq.request_id, ""))
         params = seq.params
         count = 0
-        for tok in toks:
+        if logprobs is not None and chunk.logprobs is None:
+            chunk.logprobs = []
+        for j, tok in enumerate(toks):
             seq.token_ids.append(tok)
             chunk.token_ids.append(tok)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs[j])
+                chunk.logprobs.append(logprobs[j])
             count += 1
             seq.text += seq.detok.add(tok)
             if params.stop and self._cut_stop(seq):
@@ -371,9 +334,6 @@ class Engine:
             if reason is not None:
                 self._finish(seq, reason, chunks=chunks)
                 break
-        if logprobs is not None:
-            seq.logprobs.extend(logprobs[:count])
-            chunk.logprobs = (chunk.logprobs or []) + logprobs[:count]
         self.stats.on_tokens(count, first=seq.num_output_tokens == count)
         if not seq.is_finished:
             hold = max((len(s) for s in params.stop), default=1) - 1
