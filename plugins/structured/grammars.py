@@ -6,6 +6,9 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+import torch
+
+from tokenmill.plugins.structured.masks import pack
 from tokenmill.plugins.structured.spec import KEY, GrammarSpec, choice_grammar
 
 INSTALL = "pip install --no-deps xgrammar apache-tvm-ffi (scripts/setup.sh does; on a GPU: pip install xgrammar)"
@@ -43,6 +46,7 @@ class GrammarCache:
         self.compiler: Any = None
         self.grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.hits = self.misses = 0
+        self.json_safe: torch.Tensor | None = None  # bitmask row: tokens without raw control characters
 
     def _compiler(self):
         if self.compiler is None:
@@ -51,6 +55,7 @@ class GrammarCache:
                                                       stop_token_ids=self.stop_token_ids)
             self.xgr, self.compiler = xgr, xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
                                                                  cache_enabled=False)
+            self.json_safe = json_safe_tokens(info.decoded_vocab, self.vocab_size, self.stop_token_ids)
         return self.compiler
 
     def get(self, spec: GrammarSpec):
@@ -85,3 +90,13 @@ class GrammarCache:
     def matcher(self, compiled):
         """A fresh matcher over ``compiled`` that ends on the pipeline's EOS tokens."""
         return self.xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
+
+
+def json_safe_tokens(decoded_vocab: list[bytes], vocab_size: int, stop_token_ids: list[int]) -> torch.Tensor:
+    """The bitmask row of the tokens that may appear in compact JSON: none with a raw control character
+    (bytes 0x00-0x1f: JSON escapes them, and compact JSON has no newline or tab between values), plus the stop
+    tokens. xgrammar's strings with a ``maxLength`` (0.2.9) would otherwise take them raw: invalid JSON."""
+    ok = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.bool)
+    ok[:len(decoded_vocab)] = torch.tensor([not any(b < 0x20 for b in t) for t in decoded_vocab[:vocab_size]])
+    ok[list(stop_token_ids)] = True
+    return pack(ok)

@@ -21,6 +21,7 @@ class RequestGrammar:
     accepted a stop token (from then on only stop tokens are allowed)."""
 
     matcher: Any
+    json: bool = False  # JSON output: tokens with raw control characters are banned too
     consumed: int = 0
     done: bool = False
 
@@ -75,7 +76,7 @@ class StructuredOutput(Plugin):
         compiled = self.grammars.get(spec)
         if self.masks is None:
             self.masks = Bitmasks(self.grammars.xgr, self.vocab, sorted(self.stop_ids))
-        self.states[seq.seq_id] = RequestGrammar(self.grammars.matcher(compiled))
+        self.states[seq.seq_id] = RequestGrammar(self.grammars.matcher(compiled), spec.kind.startswith("json"))
 
     @hookimpl(trylast=True)
     def request_finished(self, seq: Sequence) -> None:
@@ -94,9 +95,16 @@ class StructuredOutput(Plugin):
             return
         masks = self.masks.rows(batch.logits.shape[0])
         rows: list[int] = []  # logits rows whose mask row is filled
+        json_rows: list[int] = []
         for i, st in work:
             self._catch_up(st, batch.seqs[i])
+            n = len(rows)
             self._fill(st, batch, i, masks, rows)
+            if st.json:
+                json_rows += rows[n:]
+        if json_rows:
+            index = torch.tensor(json_rows)
+            masks[index] = masks[index] & self.grammars.json_safe
         if rows:
             self.masks.apply(batch.logits, masks, rows)
 
