@@ -1,4 +1,5 @@
-"""The FastAPI application: native routes, OpenAI-compatible routes, health, readiness and metrics.
+"""The FastAPI application: native routes (``native_routes.py``), OpenAI-compatible routes (``openai_routes.py``),
+utility routes, cache and model operations, health, readiness and metrics.
 
 ``create_app(pipelines)`` takes already-built :class:`~tokenmill.Pipeline` objects (or factories that
 build them on their engine thread) and returns an ASGI app; ``tokenmill serve`` runs it under uvicorn.
@@ -11,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,15 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import __version__
-from tokenmill.serve import extra_routes, openai_routes
+from tokenmill.serve import extra_routes, native_routes, openai_routes
+from tokenmill.serve.call import ClientGone
 from tokenmill.serve.metrics import ServeMetrics
 from tokenmill.serve.middleware import BodyLimitMiddleware, HTTPMetricsMiddleware
-from tokenmill.serve.responses import GENERATION_ERRORS, drop_default_422, errors, streams
-from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
-from tokenmill.serve.call import ClientGone, GenerationCall
-from tokenmill.serve.replies import error_event, final_error, ms, raise_for_finals, run_stream, run_unary, sse
+from tokenmill.serve.responses import GENERATION_ERRORS, drop_default_422, errors
 from tokenmill.serve.service import APIError, ServeConfig, Service
-from tokenmill.serve.worker import Delta, Final, Interrupted
 
 log = logging.getLogger("tokenmill.serve")
 
@@ -51,18 +49,6 @@ def name_pipelines(pipelines: Any) -> dict[str, Any]:
             raise ValueError(f"two pipelines are named '{name}'; give each pipeline a unique `name:` in its YAML")
         named[name] = src
     return named
-
-
-def native_result(final: Final, pipeline: str) -> dict:
-    h, out = final.handle, final.output
-    return {
-        "request_id": h.request_id, "text": out.text, "tokens_generated": len(out.token_ids),
-        "prompt_tokens": h.prompt_tokens, "finish_reason": final.finish_reason,
-        "latency_ms": ms(h.finished - h.received),
-        "ttft_ms": ms(None if h.first_token is None else h.first_token - h.received),
-        "queue_ms": ms(None if out.queue_s is None or h.submitted is None else h.submitted - h.received + out.queue_s),
-        "optimization_used": pipeline, "error": final.error,
-    }
 
 
 def _make_auth(api_key: str | None):
@@ -154,7 +140,7 @@ def create_app(pipelines: Any, config: ServeConfig | None = None, **options: Any
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, default_pipeline=service.default)
     _install_error_handlers(app)
     auth = [Depends(_make_auth(config.api_key))]
-    app.include_router(_native_router(service), dependencies=auth, responses=errors(*GENERATION_ERRORS))
+    app.include_router(native_routes.router(service), dependencies=auth, responses=errors(*GENERATION_ERRORS))
     app.include_router(openai_routes.router(service), dependencies=auth)
     app.include_router(extra_routes.router(service), dependencies=auth)
     app.include_router(_ops_router(service, metrics), dependencies=auth, responses=errors(401))
@@ -178,70 +164,6 @@ def cache_view(name: str, kv: dict) -> dict:
         "queries": kv.get("prefix_queries_tokens", 0) if prefix else 0,
         "hits": kv.get("prefix_hits_tokens", 0) if prefix else 0,
     }
-
-
-def _native_router(service: Service) -> APIRouter:
-    r = APIRouter(tags=["native"])
-
-    @r.post("/v1/generate", response_model=GenerateResponse, responses=streams("text chunks, then a `done` event"),
-            summary="Generate from one prompt (Server-Sent Events with stream: true)")
-    async def generate(body: GenerateRequest, request: Request):
-        received = time.perf_counter()
-        w = service.worker(body.optimization)
-        service.check_ready(w)
-        params = body.sampling_params()
-        service.check_max_tokens(w, params)
-        call = GenerationCall(service, w, request, [body.prompt], params, received=received, stream=body.stream,
-                              chat=body.chat, prefix="gen")
-        if not body.stream:
-            finals = await run_unary(call)
-            raise_for_finals(finals)
-            return native_result(finals[0], w.name)
-
-        async def events(first) -> AsyncIterator[str]:
-            item = first
-            while True:
-                if isinstance(item, Delta):
-                    yield sse({"request_id": item.handle.request_id, "text": item.text, "tokens": item.num_tokens})
-                elif isinstance(item, Final):
-                    if item.text or item.num_tokens:
-                        yield sse({"request_id": item.handle.request_id, "text": item.text,
-                                   "tokens": item.num_tokens})
-                    if final_error(item) is not None:
-                        yield sse(error_event(item.finish_reason, call, item.error), event="error")
-                    else:
-                        yield sse(native_result(item, w.name), event="done")
-                    return
-                elif isinstance(item, Interrupted):
-                    yield sse(error_event(item.reason, call), event="error")
-                    return
-                item = await call.next_item()
-
-        return await run_stream(call, events)
-
-    @r.post("/v1/generate/batch", response_model=BatchResponse,
-            summary="Generate from several prompts submitted together, so they batch")
-    async def generate_batch(body: BatchRequest, request: Request):
-        received = time.perf_counter()
-        w = service.worker(body.optimization)
-        service.check_ready(w)
-        params = body.sampling_params()
-        service.check_max_tokens(w, params)
-        call = GenerationCall(service, w, request, list(body.prompts), params, received=received,
-                              chat=body.chat, prefix="batch")
-        finals = await run_unary(call)
-        for f in finals:  # a failed prompt is reported in its result; aborts end the whole call
-            if f.finish_reason != "error" and final_error(f) is not None:
-                raise final_error(f)
-        results = [native_result(f, w.name) for f in finals]
-        total = max(f.handle.finished for f in finals) - received
-        tokens = sum(r["tokens_generated"] for r in results)
-        return {"results": results, "total_latency_ms": ms(total),
-                "throughput_tokens_per_sec": round(tokens / total, 3) if total > 0 else 0.0,
-                "tokens_generated": tokens, "prompt_tokens": sum(r["prompt_tokens"] for r in results),
-                "optimization_used": w.name}
-
-    return r
 
 
 def _ops_router(service: Service, metrics: ServeMetrics) -> APIRouter:

@@ -268,13 +268,15 @@ class GenerationCall:
             self.interrupt("cancelled")
 
     def _abort_unfinished(self, reason: str) -> int:
-        """Abort what runs; copies not submitted yet are never submitted (and count as aborted here)."""
+        """Abort what runs; copies not submitted yet are never submitted (and are counted here, with ``reason``)."""
         unsubmitted = {h.request_id for copies in self.pending.values() for h in copies}
         n = 0
         for h in self.handles:
             if not h.done and h.request_id not in self._aborted:
                 self._aborted.add(h.request_id)
-                if h.request_id not in unsubmitted:
+                if h.request_id in unsubmitted:
+                    self.service.metrics.requests.labels(self.worker.name, reason).inc()
+                else:
                     self.worker.abort(h.request_id, reason)
                 n += 1
         return n

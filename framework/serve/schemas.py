@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from tokenmill import params as _params
 from tokenmill.params import SamplingParams
+from tokenmill.serve.sampling_fields import STRUCTURED, SamplingFields, check_logprobs
 from tokenmill.serve.unsupported import NATIVE, refuse_unsupported
 
 MAX_BATCH_PROMPTS = 1024
@@ -100,7 +101,7 @@ class CheckedRequest(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------- native API
-class _Sampling(CheckedRequest):
+class _Sampling(CheckedRequest, SamplingFields):
     route: ClassVar[str] = NATIVE
 
     max_tokens: StrictInt = Field(64, description="Tokens to generate at most (>= 1; prompt + max_tokens <= the "
@@ -114,11 +115,25 @@ class _Sampling(CheckedRequest):
     chat: StrictBool = Field(False, description="Wrap the prompt in the model's chat template.")
     optimization: Optional[str] = Field(None, description="Which of the server's pipelines runs the request "
                                                           "(its YAML `name:`); default: the first one.")
+    logprobs: Optional[StrictInt] = Field(None, description="Return each generated token's log-probability (the "
+                                                            "model's raw distribution) and this many top "
+                                                            "alternatives (0 to 20).")
+    structured_output: Optional[dict[str, Any]] = Field(None, description="Constrain the output: the "
+                                                        "structured_output plugin argument, e.g. {\"type\": "
+                                                        "\"json_schema\", \"schema\": {...}}, {\"type\": "
+                                                        "\"regex\", \"pattern\": ...}, {\"type\": \"choice\", "
+                                                        "\"choices\": [...]}.")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop=check_stop(self.stop),
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, **self.sampling_kwargs())
+
+    def structured_request(self) -> tuple[dict | None, str | None]:
+        return (self.structured_output, STRUCTURED) if self.structured_output is not None else (None, None)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("stop")
     @classmethod
@@ -126,10 +141,18 @@ class _Sampling(CheckedRequest):
         check_stop(v)
         return v
 
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        return check_logprobs(v)
+
 
 class GenerateRequest(_Sampling):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello", "max_tokens": 4},
-                                                              {"prompt": "Hello", "max_tokens": 4, "stream": True}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Hello", "max_tokens": 4}, {"prompt": "Hello", "max_tokens": 4, "stream": True},
+        {"prompt": "Hello", "max_tokens": 8, "temperature": 0.7, "seed": 1, "logprobs": 2, "presence_penalty": 0.5},
+        {"prompt": "Answer yes or no:", "max_tokens": 4,
+         "structured_output": {"type": "choice", "choices": ["yes", "no"]}}]})
     prompt: Union[str, list[StrictInt]] = Field(..., description="Text, or a list of token ids.")
     stream: StrictBool = Field(False, description="Send Server-Sent Events: one per decoded chunk, then a `done` "
                                             "event with the stats.")
@@ -138,6 +161,16 @@ class GenerateRequest(_Sampling):
     @classmethod
     def _prompt(cls, v):
         return check_prompt(v)
+
+
+class TopLogprobOut(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top: list[TopLogprobOut]
 
 
 class GenerateResponse(BaseModel):
@@ -151,6 +184,8 @@ class GenerateResponse(BaseModel):
     queue_ms: Optional[float]
     optimization_used: str
     error: Optional[str] = None
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV the prefix cache supplied.")
+    logprobs: Optional[list[TokenLogprobOut]] = Field(None, description="Per generated token, when asked.")
 
 
 class BatchRequest(_Sampling):

@@ -1,12 +1,14 @@
 """Request fields the server knows but does not support: refused by name, unless they carry a neutral value.
 
-OpenAI and vLLM clients send fields that would change the result (penalties, structured output, logprobs,
-stop token ids ...). Ignoring them would answer a different question than the one asked, so each one listed
+OpenAI and vLLM clients send fields that would change the result (beam search, echo, prompt logprobs, special
+tokens in the text ...). Ignoring them would answer a different question than the one asked, so each one listed
 here is refused with a 400 that names it and says it is not supported, unless its value is *neutral*: the
-value the server behaves as anyway (``repetition_penalty: 1``, ``stop_token_ids: []``), which is accepted
-and dropped. Implementing a field later is removing its entry here and adding it to the request models in
-``schemas.py`` and ``openai_schemas.py``. Fields neither in a request model nor here are refused as unknown
-(``extra="forbid"``).
+value the server behaves as anyway (``use_beam_search: false``, ``skip_special_tokens: true``), which is
+accepted and dropped. An entry may apply to some routes only (``routes``): where the field is real elsewhere
+(``response_format`` on the OpenAI routes, ``structured_output`` on the native ones). Implementing a field later
+is removing its entry here and adding it to the request models (``sampling_fields.py`` for every route,
+``schemas.py`` native, ``openai_schemas.py`` OpenAI). Fields neither in a request model nor here are refused as
+unknown (``extra="forbid"``).
 """
 from __future__ import annotations
 
@@ -51,58 +53,52 @@ def _show(v: Any) -> str:
     return repr(v)
 
 
-LOGITS = "it needs a logits processor"
-STRUCTURED = "structured output needs a logits processor"
+LOGITS = "tokenmill has no such logits processor"
 TEXT = {"type": "text"}
+OPENAI = frozenset({COMPLETIONS, CHAT})
+NOT_CHAT = frozenset({NATIVE, COMPLETIONS})
+ON_NATIVE = frozenset({NATIVE})
+GUIDED = "on the native routes structured output is the structured_output field"
+TOOLS = "function calling is a chat completions feature"
 
 UNSUPPORTED: dict[str, Unsupported] = {
-    # sampling and penalties
-    "repetition_penalty": Unsupported(LOGITS, (None, 1)),
-    "presence_penalty": Unsupported(LOGITS, (None, 0)),
-    "frequency_penalty": Unsupported(LOGITS, (None, 0)),
+    # sampling (penalties, logit_bias, min_p, min_tokens, bad_words, stop_token_ids, priority are real fields)
     "length_penalty": Unsupported("there is no beam search", (None, 1)),
-    "min_p": Unsupported(LOGITS, (None, 0)),
-    "min_tokens": Unsupported(LOGITS, (None, 0)),
-    "logit_bias": Unsupported(LOGITS, (None, {})),
-    "bad_words": Unsupported(LOGITS, (None, [])),
-    "allowed_token_ids": Unsupported(LOGITS),
-    "logits_processors": Unsupported(LOGITS, (None, [])),
+    "allowed_token_ids": Unsupported(LOGITS + "; logit_bias can ban tokens"),
+    "logits_processors": Unsupported(LOGITS + "; pipeline plugins process logits", (None, [])),
     "use_beam_search": Unsupported("there is no beam search", (None, False)),
-    "best_of": Unsupported("one sample is drawn per prompt", (None, 1)),
+    "best_of": Unsupported("each sample is returned; use n for several", (None, 1)),
     # stopping and the returned text
-    "stop_token_ids": Unsupported("generation stops at EOS, max_tokens and stop strings", (None, [])),
     "include_stop_str_in_output": Unsupported("stop strings are cut from the text", (None, False)),
     "skip_special_tokens": Unsupported("special tokens are always left out of the text", (None, True)),
     "spaces_between_special_tokens": Unsupported("special tokens are left out of the text", (None, True)),
     "echo": Unsupported("the answer holds the generated text only", (None, False)),
     "suffix": Unsupported("there is no fill-in-the-middle", (None, "")),
-    "logprobs": Unsupported("log probabilities are not returned", (None, False)),
-    "top_logprobs": Unsupported("log probabilities are not returned", (None, 0)),
-    "prompt_logprobs": Unsupported("log probabilities are not returned"),
+    "top_logprobs": Unsupported("on this route logprobs is the number of top alternatives", (None,), NOT_CHAT),
+    "prompt_logprobs": Unsupported("log probabilities are returned for generated tokens only"),
     "return_tokens_as_token_ids": Unsupported("the answer holds text", (None, False)),
     "truncate_prompt_tokens": Unsupported("prompts are never truncated; a prompt too long is refused"),
-    # structured output and tools
-    "response_format": Unsupported(STRUCTURED, (None, TEXT)),
-    "guided_json": Unsupported(STRUCTURED),
-    "guided_regex": Unsupported(STRUCTURED),
-    "guided_choice": Unsupported(STRUCTURED),
-    "guided_grammar": Unsupported(STRUCTURED),
-    "guided_decoding_backend": Unsupported(STRUCTURED),
-    "guided_whitespace_pattern": Unsupported(STRUCTURED),
-    "structured_outputs": Unsupported(STRUCTURED),
-    "tools": Unsupported("there is no function calling", (None, [])),
-    "tool_choice": Unsupported("there is no function calling", (None, "none", "auto"), frozenset({CHAT})),
-    "functions": Unsupported("there is no function calling", (None, [])),
-    "function_call": Unsupported("there is no function calling", (None, "none", "auto")),
-    # chat templating and scheduling
+    # structured output and tools (response_format, guided_*, structured_outputs, tools are real on OpenAI routes)
+    "response_format": Unsupported(GUIDED, (None, TEXT), ON_NATIVE),
+    "guided_json": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "guided_regex": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "guided_choice": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "guided_grammar": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "guided_decoding_backend": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "structured_outputs": Unsupported(GUIDED, (None,), ON_NATIVE),
+    "guided_whitespace_pattern": Unsupported("JSON output follows the structured_output plugin's whitespace"),
+    "tools": Unsupported(TOOLS, (None, []), NOT_CHAT),
+    "tool_choice": Unsupported(TOOLS, (None, "none"), NOT_CHAT),
+    "functions": Unsupported("the deprecated functions field is not supported; use tools", (None, [])),
+    "function_call": Unsupported("the deprecated function_call field is not supported; use tool_choice",
+                                 (None, "none")),
+    # chat templating
     "chat_template": Unsupported("the model's own chat template is used"),
     "chat_template_kwargs": Unsupported("the model's own chat template is used", (None, {})),
     "add_generation_prompt": Unsupported("the generation prompt is always added", (None, True)),
     "continue_final_message": Unsupported("the generation prompt is always added", (None, False)),
-    "priority": Unsupported("requests are scheduled by the pipeline's scheduler, not by priority", (None, 0)),
     # a chat completions field elsewhere
-    "max_completion_tokens": Unsupported("it is a chat completions field; use max_tokens", (None,),
-                                         frozenset({NATIVE, COMPLETIONS})),
+    "max_completion_tokens": Unsupported("it is a chat completions field; use max_tokens", (None,), NOT_CHAT),
 }
 
 

@@ -1,5 +1,5 @@
 """One engine thread per pipeline: the only code that ever touches the :class:`~tokenmill.Pipeline`'s engine.
-(Handlers tokenize prompts themselves, on a pool thread, and hand over token ids: see ``tokenmill.serve.call.GenerationCall``.)
+(Handlers tokenize prompts themselves, on a pool thread, and hand over token ids: see ``serve/call.py``.)
 
 HTTP handlers (on the asyncio event loop) post commands to :class:`EngineWorker` through a thread-safe
 queue: submit, abort, or "run this function on the pipeline" (stats snapshots, cache clearing). The worker
@@ -51,6 +51,7 @@ class Delta:
     handle: "RequestHandle"
     text: str
     num_tokens: int
+    logprobs: list | None = None  # TokenLogprob per new token, when the request asked
 
 
 @dataclass(slots=True)
@@ -426,7 +427,7 @@ class EngineWorker:
                 self._finish(h, chunk.text, n, out.finish_reason if out is not None else "error",
                              error=out.error if out is not None else "no output", now=now)
             elif h.stream and (chunk.text or n):
-                self._out.append((h, Delta(h, chunk.text, n)))
+                self._out.append((h, Delta(h, chunk.text, n, chunk.logprobs)))
         if generated and self.metrics is not None:
             self.metrics.record_generated(self.name, generated)
 

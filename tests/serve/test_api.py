@@ -328,8 +328,8 @@ def test_malformed_json_and_wrong_shapes(client):
     assert r.status_code == 400 and "prompts must hold 1 to" in r.json()["error"]["message"]
     r = client.post("/v1/generate/batch", json={"prompts": ["ok", ""]})
     assert r.status_code == 400 and "prompts[1] is empty" in r.json()["error"]["message"]
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2})
-    assert r.status_code == 400 and "n must be 1" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 0})
+    assert r.status_code == 400 and "n must be an integer in [1, 128]" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and "messages is empty" in r.json()["error"]["message"]
     r = client.get("/v1/nowhere")

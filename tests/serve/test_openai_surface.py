@@ -30,17 +30,18 @@ ROUTES = {"/v1/completions": COMPLETION, "/v1/chat/completions": CHAT, "/v1/gene
           "/v1/generate/batch": {"prompts": ["Hello"], "max_tokens": 2}}
 
 # (field, a value that would change the result, routes that refuse it)
+NATIVE_ROUTES = ["/v1/generate", "/v1/generate/batch"]
+TOOL = [{"type": "function", "function": {"name": "f"}}]
 UNSUPPORTED = [
-    ("stop_token_ids", [5], list(ROUTES)),
-    ("min_tokens", 3, list(ROUTES)),
-    ("repetition_penalty", 1.3, list(ROUTES)),
-    ("min_p", 0.1, list(ROUTES)),
     ("include_stop_str_in_output", True, list(ROUTES)),
     ("skip_special_tokens", False, list(ROUTES)),
-    ("guided_json", {"type": "object"}, list(ROUTES)),
-    ("priority", 5, list(ROUTES)),
-    ("top_logprobs", 3, ["/v1/chat/completions"]),
-    ("response_format", {"type": "json_object"}, ["/v1/completions", "/v1/chat/completions"]),
+    ("use_beam_search", True, list(ROUTES)),
+    ("prompt_logprobs", 1, list(ROUTES)),
+    ("guided_whitespace_pattern", " ", list(ROUTES)),
+    ("guided_json", {"type": "object"}, NATIVE_ROUTES),
+    ("response_format", {"type": "json_object"}, NATIVE_ROUTES),
+    ("top_logprobs", 3, ["/v1/completions"] + NATIVE_ROUTES),
+    ("tools", TOOL, ["/v1/completions"] + NATIVE_ROUTES),
     ("max_completion_tokens", 4, ["/v1/completions"]),
 ]
 CASES = [(route, field, value) for field, value, routes in UNSUPPORTED for route in routes]
@@ -55,10 +56,12 @@ def test_a_field_that_would_change_the_result_is_refused_by_name(client, route, 
     assert err["param"] == field
 
 
-def test_neutral_values_of_unsupported_fields_are_accepted(client):
-    """A client that sends the value the server already behaves as is not refused."""
+def test_neutral_values_are_accepted(client):
+    """A client that sends the value the server behaves as anyway is not refused (unsupported fields at their
+    neutral value, and sampling fields at the value that disables them)."""
     neutral = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "stop_token_ids": [],
-               "skip_special_tokens": True, "include_stop_str_in_output": False, "priority": 0}
+               "skip_special_tokens": True, "include_stop_str_in_output": False, "priority": 0,
+               "use_beam_search": False, "presence_penalty": 0, "logit_bias": {}}
     for route, body in ROUTES.items():
         r = client.post(route, json=dict(body, **neutral))
         assert r.status_code == 200, (route, r.text)
@@ -81,10 +84,11 @@ def test_harmless_openai_extras_are_accepted(client, route):
 
 
 def test_chat_message_fields_that_would_be_dropped_are_refused(client):
-    """The chat template sees a message's role and content only: a tool call or an unknown key in a message
-    would vanish from the prompt, so it is refused; fields OpenAI's own answers carry empty are accepted."""
+    """The chat template sees a message's role and content (and tool calls / tool_call_id): an unknown key, or tool
+    calls on a message that is not the assistant's, would vanish from the prompt, so they are refused; fields
+    OpenAI's own answers carry empty are accepted."""
     call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    cases = [({"role": "assistant", "content": "x", "tool_calls": call}, "messages[0]: tool_calls is not supported"),
+    cases = [({"role": "user", "content": "x", "tool_calls": call}, "messages[0]: tool_calls belong to assistant"),
              ({"role": "user", "content": "x", "foo": 1}, "unknown field 'messages.0.foo'")]
     for message, text in cases:
         r = client.post("/v1/chat/completions", json=dict(CHAT, messages=[message]))
