@@ -10,10 +10,14 @@ or structured output), and the most likely alternatives there. A token's ``token
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.outputs import TokenLogprob
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -34,28 +38,29 @@ class TokenTexts:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
-        self._bytes = None
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        try:
-            decoder = json.loads(backend.to_str()).get("decoder") or {} if backend is not None else {}
-        except (ValueError, AttributeError):
+        try:  # the decoder's own JSON (cheap; the whole tokenizer's would be megabytes)
+            decoder = json.loads(tokenizer.backend_tokenizer.decoder.__getstate__())
+        except (AttributeError, TypeError, ValueError):  # a slow tokenizer, or no decoder
             decoder = {}
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
-        if "ByteLevel" in kinds:
-            self._bytes = _byte_decoder()
+        self._bytes = _byte_decoder() if "ByteLevel" in kinds else None
+        self._fallback = "ByteFallback" in kinds  # SentencePiece pieces <0xAB> are single bytes
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        self._special.update(added)
+        self._special.update(getattr(tokenizer, "added_tokens_decoder", None) or {})
 
     def get(self, token_id: int) -> tuple[str, list[int]]:
         hit = self._cache.get(token_id)
         if hit is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
             raw = text.encode("utf-8")
-            if self._bytes is not None and token_id not in self._special:
+            if token_id not in self._special and (self._bytes is not None or self._fallback):
                 piece = self.tokenizer.convert_ids_to_tokens(token_id)
-                if isinstance(piece, str) and all(c in self._bytes for c in piece):
+                if not isinstance(piece, str):
+                    pass
+                elif self._bytes is not None and all(c in self._bytes for c in piece):
                     raw = bytes(self._bytes[c] for c in piece)
+                elif self._fallback and _BYTE_PIECE.fullmatch(piece):
+                    raw = bytes([int(piece[3:5], 16)])
             hit = self._cache[token_id] = (text, list(raw))
         return hit
 
@@ -68,13 +73,13 @@ def token_texts(worker) -> TokenTexts:
     return texts
 
 
-def chat_logprobs(texts: TokenTexts, lps: list[TokenLogprob]) -> dict:
+def chat_logprobs(texts: TokenTexts, lps: list[TokenLogprob] | None) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         text, raw = texts.get(token_id)
         return {"token": text, "logprob": logprob, "bytes": raw}
 
     return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
-                        for lp in lps], "refusal": None}
+                        for lp in lps or []], "refusal": None}
 
 
 class CompletionLogprobs:
@@ -86,9 +91,9 @@ class CompletionLogprobs:
         self.detok = IncrementalDetokenizer(texts.tokenizer)
         self.offset = 0
 
-    def add(self, lps: list[TokenLogprob]) -> dict:
+    def add(self, lps: list[TokenLogprob] | None) -> dict:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for lp in lps:
+        for lp in lps or []:
             out["tokens"].append(self.texts.get(lp.token_id)[0])
             out["token_logprobs"].append(lp.logprob)
             top = {self.texts.get(t)[0]: v for t, v in lp.top}
@@ -99,9 +104,9 @@ class CompletionLogprobs:
         return out
 
 
-def native_logprobs(texts: TokenTexts, lps: list[TokenLogprob]) -> list[dict]:
+def native_logprobs(texts: TokenTexts, lps: list[TokenLogprob] | None) -> list[dict]:
     return [{"token_id": lp.token_id, "token": texts.get(lp.token_id)[0], "logprob": lp.logprob,
-             "top": [{"token_id": t, "token": texts.get(t)[0], "logprob": v} for t, v in lp.top]} for lp in lps]
+             "top": [{"token_id": t, "token": texts.get(t)[0], "logprob": v} for t, v in lp.top]} for lp in lps or []]
 
 
 def final_logprobs(final) -> list[TokenLogprob] | None:

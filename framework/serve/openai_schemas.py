@@ -99,8 +99,11 @@ class _OpenAIBase(CheckedRequest, SamplingFields, GuidedFields):
 
 
 class CompletionRequest(_OpenAIBase):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello", "max_tokens": 4},
-                                                              {"prompt": "Hello", "max_tokens": 4, "stream": True}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Hello", "max_tokens": 4}, {"prompt": "Hello", "max_tokens": 4, "stream": True},
+        {"prompt": "Hello", "max_tokens": 4, "n": 2, "temperature": 0.8, "seed": 3, "logprobs": 1,
+         "frequency_penalty": 0.5, "top_k": 20},
+        {"prompt": "Is the sky blue? Answer:", "max_tokens": 4, "guided_choice": [" yes", " no"]}]})
     route: ClassVar[str] = COMPLETIONS
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     logprobs: Optional[StrictInt] = Field(None, description="Return each token's log-probability (the model's raw "

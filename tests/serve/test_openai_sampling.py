@@ -422,3 +422,28 @@ def test_copies_not_yet_submitted_are_dropped_with_their_call(make_server, spare
                                                "max_tokens": 2}).status_code == 200
     requests = httpx.get(run.base + "/metrics").text  # each copy counted once, submitted or not
     assert metric(requests, "tokenmill_requests_total", pipeline="spare", outcome="timeout") == 6
+
+
+def test_token_bytes_are_the_tokens_exact_bytes(tokenizer):
+    """A token holding part of a character reads as U+FFFD, but its bytes are exact: joined, the bytes of a text's
+    tokens are the text (byte-level BPE, and SentencePiece-style byte fallback)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenmill.serve.logprob_format import TokenTexts
+
+    text = " héllo’ 😀 ok"
+    texts = TokenTexts(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any(texts.get(i)[0].endswith("\ufffd") for i in ids)  # the emoji is split over tokens
+    assert bytes(b for i in ids for b in texts.get(i)[1]).decode("utf-8") == text
+    assert texts.get(tokenizer.eos_token_id)[0] == tokenizer.eos_token  # special tokens by name
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "h": 257, "i": 258, "hi": 259}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "i")], byte_fallback=True, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    texts = TokenTexts(fast)
+    ids = fast.encode("hi😀", add_special_tokens=False)
+    assert ids[0] == 259 and len(ids) == 5  # "hi", then the emoji's four bytes
+    assert [texts.get(i)[1] for i in ids] == [[104, 105], [240], [159], [152], [128]]
