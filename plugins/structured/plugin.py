@@ -71,6 +71,10 @@ class StructuredOutput(Plugin):
         if value is None:
             return
         spec = parse_spec(value)
+        if seq.params.min_tokens:
+            raise ValueError(f"{KEY} cannot be combined with min_tokens ({seq.params.min_tokens}): once the grammar "
+                             "is complete only EOS is allowed, which min_tokens bans; drop min_tokens (bound the "
+                             "output's size in the grammar, e.g. minLength / minItems)")
         if self.grammars is None:
             raise ValueError(f"{KEY} is unavailable: the pipeline was not configured")
         compiled = self.grammars.get(spec)
@@ -110,11 +114,10 @@ class StructuredOutput(Plugin):
 
     def _catch_up(self, st: RequestGrammar, seq: Sequence) -> None:
         """Advance the matcher over the output tokens the engine appended since the last step."""
-        out = seq.token_ids[seq.prompt_len:]
-        if st.consumed > len(out):  # tokens were taken back: start again from the prompt
+        if st.consumed > seq.num_output_tokens:  # tokens were taken back: start again from the prompt
             st.matcher.reset()
             st.consumed, st.done = 0, False
-        for tok in out[st.consumed:]:
+        for tok in seq.token_ids[seq.prompt_len + st.consumed:]:
             if st.done:
                 ok = tok in self.stop_ids
             else:
@@ -134,35 +137,40 @@ class StructuredOutput(Plugin):
         m, start, chain = st.matcher, batch.row_start[i], batch.tree(i) is None
         path: list[int] = []  # draft tokens walked beyond the request's tokens
         fed: list[bool] = []  # whether the matcher accepted path[j] (False: a stop token after the end)
-        for k in range(1 + len(batch.drafts[i])):
-            want = batch.follows(i, k) if k else []
-            same = 0
-            while same < min(len(path), len(want)) and path[same] == want[same]:
-                same += 1
-            if same < len(path):
-                self._rollback(m, sum(fed[same:]))
-                del path[same:], fed[same:]
-            refused = False
-            for tok in want[same:]:
+        try:
+            for k in range(1 + len(batch.drafts[i])):
+                want = batch.follows(i, k) if k else []
+                same = 0
+                while same < min(len(path), len(want)) and path[same] == want[same]:
+                    same += 1
+                if same < len(path):
+                    self._rollback(m, sum(fed[same:]))
+                    del path[same:], fed[same:]
+                if not self._walk(st, want[same:], path, fed):
+                    if chain:
+                        break  # every later row of a chain comes after the refused token
+                    continue
                 if st.done or m.is_terminated():
-                    accepted, fed_now = tok in self.stop_ids, False
-                else:
-                    accepted = fed_now = m.accept_token(tok)
-                if not accepted:
-                    refused = True
-                    break
-                path.append(tok)
-                fed.append(fed_now)
-            if refused:
-                if chain:
-                    break  # every later row of a chain comes after the refused token
-                continue
-            if st.done or m.is_terminated():
-                masks[start + k] = self.masks.stop_only
-            elif not m.fill_next_token_bitmask(masks, start + k):
-                continue  # every token is allowed here
-            rows.append(start + k)
-        self._rollback(m, sum(fed))
+                    masks[start + k] = self.masks.stop_only
+                elif not m.fill_next_token_bitmask(masks, start + k):
+                    continue  # every token is allowed here
+                rows.append(start + k)
+        finally:  # the matcher is left where the request's own tokens put it
+            self._rollback(m, sum(fed))
+
+    def _walk(self, st: RequestGrammar, tokens: list[int], path: list[int], fed: list[bool]) -> bool:
+        """Advance along draft ``tokens`` (extending ``path`` / ``fed``); False at the first one the grammar refuses."""
+        m = st.matcher
+        for tok in tokens:
+            if st.done or m.is_terminated():  # past the end: stop tokens only, and the matcher takes none
+                accepted, fed_now = tok in self.stop_ids, False
+            else:
+                accepted = fed_now = m.accept_token(tok)
+            if not accepted:
+                return False
+            path.append(tok)
+            fed.append(fed_now)
+        return True
 
     @staticmethod
     def _rollback(matcher, n: int) -> None:

@@ -81,12 +81,13 @@ def test_choice_regex_and_ebnf_outputs_follow_their_grammar(pipe):
 
 def test_json_outputs_parse_and_validate(pipe):
     for schema in SCHEMAS:
-        outs = pipe.generate(PROMPTS * len(SAMPLED), [constrained("json_schema", schema, **s) for s in SAMPLED
-                                                     for _ in PROMPTS])
+        params = [constrained("json_schema", schema)] * 4 + [constrained("json_schema", schema, temperature=1.0,
+                                                                         seed=s) for s in (1, 2)]
+        outs = pipe.generate(PROMPTS + PROMPTS[:2], params)
         for o in outs:
             assert o.finish_reason == "stop", o.text
             jsonschema.validate(json.loads(o.text), schema)
-    outs = pipe.generate(PROMPTS, constrained("json_object", max_tokens=48))  # an object may go on and on
+    outs = pipe.generate(PROMPTS, constrained("json_object", max_tokens=32))  # an object may go on and on
     for o in outs:
         assert o.text.startswith("{") and not re.search(r"[\x00-\x1f]", o.text), o.text
         if o.finish_reason == "stop":
@@ -118,17 +119,13 @@ def test_constrained_requests_leave_the_unconstrained_ones_of_a_batch_unchanged(
     assert alone_plain[0][:len(alone_constrained[0])] != alone_constrained[0]  # the grammar did change tokens
 
 
-def test_preempted_requests_resume_their_grammar(tiny_llama_dir):
-    def make(blocks):
-        return Pipeline.from_dict(tiny_pipeline_dict(
-            tiny_llama_dir, limits={"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64},
-            plugins=[{"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": blocks}}]),
-            progress=False)
-    params = [constrained("json_schema", SCHEMAS[1], max_tokens=48)] * 4 + [constrained("regex", REGEX, max_tokens=48)] * 2
-    prompts = PROMPTS + PROMPTS[:2]
-    reference = [o.token_ids for o in make(256).generate(prompts, params)]
-    tight = make(32)
-    outs = tight.generate(prompts, params)
+def test_preempted_requests_resume_their_grammar(pipe, tiny_llama_dir):
+    params = [constrained("json_schema", SCHEMAS[1], max_tokens=40)] * 3 + [constrained("regex", REGEX, max_tokens=40)]
+    reference = [o.token_ids for o in pipe.generate(PROMPTS, params)]
+    tight = Pipeline.from_dict(tiny_pipeline_dict(
+        tiny_llama_dir, limits={"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64},
+        plugins=[{"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": 16}}]), progress=False)
+    outs = tight.generate(PROMPTS, params)
     assert tight.stats()["preemptions"] > 0
     assert [o.token_ids for o in outs] == reference
 
@@ -235,6 +232,12 @@ def test_bad_specs_are_refused_at_submit_and_nothing_is_queued(pipe, value, mess
         pipe.submit("hi", SamplingParams(plugin_args={"structured_output": value}))
     assert not pipe.engine.waiting and not pipe.engine.running and not pipe.engine.requests
     assert not plugin_of(pipe).states
+
+
+def test_min_tokens_is_refused_with_a_grammar(pipe):
+    with pytest.raises(RequestError, match="structured_output cannot be combined with min_tokens"):
+        pipe.submit("hi", constrained("choice", ["a"], min_tokens=3))
+    assert not pipe.engine.requests and not plugin_of(pipe).states
 
 
 def test_aborting_a_constrained_request_drops_its_matcher(pipe):
