@@ -19,7 +19,7 @@ from starlette.requests import Request
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import RequestError
 from tokenmill.params import SamplingParams
-from tokenmill.serve.metrics import current_account
+from tokenmill.serve.metrics import current_account, outcome_for_status
 from tokenmill.serve.service import APIError, Service
 from tokenmill.serve.worker import Accepted, Delta, EngineWorker, Final, Interrupted, Rejected, RequestHandle
 
@@ -169,6 +169,9 @@ class GenerationCall:
                 accepted += 1
             elif isinstance(item, Rejected):
                 self._aborted.update(h.request_id for h in self.handles)  # nothing reached the engine
+                unsent = len(self.handles) - len(self.leaders)  # the worker counted the first copies
+                if unsent:
+                    self.service.metrics.requests.labels(self.worker.name, outcome_for_status(item.status)).inc(unsent)
                 self.close()
                 param = rejection_param(item.message, self.fields, self.param) if item.status == 400 else None
                 raise APIError(item.status, item.message, param=param)

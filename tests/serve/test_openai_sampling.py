@@ -270,6 +270,14 @@ def test_n_beyond_what_the_pipeline_admits_is_refused_naming_n(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
 
+def test_a_refused_request_counts_every_copy(http):
+    before = metric(http.get("/metrics").text, "tokenmill_requests_total", pipeline="samp", outcome="invalid")
+    r = http.post("/v1/completions", json={"model": "samp", "prompt": "x", "n": 3, "stop_token_ids": [99999999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+    after = metric(http.get("/metrics").text, "tokenmill_requests_total", pipeline="samp", outcome="invalid")
+    assert after - before == 3
+
+
 # ---------------------------------------------------------------------------------------------- sampling fields
 PROMPT = "The quick brown fox"
 BASE = dict(max_tokens=8, temperature=0.9, seed=3)
