@@ -30,7 +30,7 @@ class StructuredOutput(Plugin):
     """Constrains requests that carry ``plugin_args["structured_output"]`` (see :data:`spec.FORMS`) with
     xgrammar. Specs are checked and compiled at submit (``check_request``; compiled grammars are cached by spec);
     each step every constrained row's bitmask is filled by the request's matcher and all of them are applied in
-    one tensor op. When the grammar is complete only the EOS tokens are allowed, so the request ends with
+    one kernel call. When the grammar is complete only the EOS tokens are allowed, so the request ends with
     finish_reason "stop". Requests without the argument cost nothing. Registered by default, ``trylast``."""
 
     name = KEY
