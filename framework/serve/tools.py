@@ -164,7 +164,7 @@ def encode_chat(pipe, messages: list[dict], tools: list[dict] | None) -> list[in
     calls = any(m.get("tool_calls") for m in messages)
     try:
         if not tools and not calls:
-            return pipe.apply_chat_template(messages)
+            return pipe.encode(messages, chat=True)
         if not source:
             raise RequestError("this model's tokenizer has no chat template; send a plain prompt")
         messages = [dict(m) for m in messages]
