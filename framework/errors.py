@@ -19,4 +19,13 @@ class ModelLoadError(RuntimeError):
 
 
 class RequestError(ValueError):
-    """One request was invalid; it fails alone."""
+    """One request was invalid; it fails alone.
+
+    ``field`` names the request field the refusal is about (``stop_token_ids``, ``plugin_args``...) and
+    ``plugin`` the plugin that refused it in ``check_request``, when known, so a server can point at them.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.plugin = plugin

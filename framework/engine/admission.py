@@ -30,7 +30,8 @@ def check_tokens(ids: list[int], params: SamplingParams, *, vocab_size: int, lim
                         ("bad_words_ids", [t for w in params.bad_words_ids for t in w])):
         bad = [t for t in named if t >= vocab_size]
         if bad:
-            raise RequestError(f"{what} names token id {bad[0]}, outside this model's vocabulary [0, {vocab_size})")
+            raise RequestError(f"{what} names token id {bad[0]}, outside this model's vocabulary [0, {vocab_size})",
+                               field=what)
 
 
 def declared_args(pm) -> dict[str, str]:
@@ -48,7 +49,7 @@ def check_plugin_args(pm, seq: Sequence, declared: dict[str, str]) -> None:
     if unknown:
         known = ", ".join(f"'{k}' ({d})" for k, d in sorted(declared.items())) or "none"
         raise RequestError(f"plugin_args names {', '.join(map(repr, unknown))}, which no plugin of this pipeline "
-                           f"reads; the plugin arguments it accepts: {known}")
+                           f"reads; the plugin arguments it accepts: {known}", field="plugin_args")
     if not pm.hook.check_request.get_hookimpls():
         return
     try:
@@ -60,5 +61,6 @@ def check_plugin_args(pm, seq: Sequence, declared: dict[str, str]) -> None:
             warnings.warn(f"{other}; it may keep state for a refused request", RuntimeWarning, stacklevel=3)
         who = f"plugin '{failure.plugin}'" if failure.plugin else "a plugin"
         if isinstance(exc, ValueError):
-            raise RequestError(f"{who} refused the request: {exc}") from None
-        raise RequestError(str(failure)) from None
+            raise RequestError(f"{who} refused the request: {exc}", field="plugin_args",
+                               plugin=failure.plugin) from None
+        raise RequestError(str(failure), field="plugin_args", plugin=failure.plugin) from None

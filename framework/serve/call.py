@@ -40,24 +40,22 @@ def copy_seed(seed: int | None, copy: int) -> int | None:
     return int.from_bytes(digest, "big") & SEED_MAX
 
 
-_REFUSED = re.compile(r"plugin '([^']+)' refused the request: ([A-Za-z_]+)?")
+_REFUSED = re.compile(r"(?:prompt \d+: )?plugin '[^']+' refused the request: ([A-Za-z_]+)")
 
 
-def rejection_param(message: str, fields: dict[str, str], default: str) -> str:
-    """The request field an engine ``RequestError`` is about. ``fields`` maps ``"plugin:NAME"`` (a plugin's
-    refusal in ``check_request``) and ``"plugin_args"`` to the field that carried it, and lists the request's
-    sampling fields (``field: field``) a refusal may start with."""
-    if message.startswith("plugin_args names"):
+def rejection_param(item: Rejected, fields: dict[str, str], default: str) -> str:
+    """The request field an engine refusal is about. ``fields`` maps ``"plugin:NAME"`` (that plugin's refusal
+    in ``check_request``) and ``"plugin_args"`` to the request field that carried them, and lists the request's
+    own sampling fields (``field: field``) the engine may name (``RequestError.field``)."""
+    if item.plugin is not None:
+        if f"plugin:{item.plugin}" in fields:
+            return fields[f"plugin:{item.plugin}"]
+        said = _REFUSED.match(item.message)  # a plugin checking a sampling field names it first
+        if said and said.group(1) in fields:
+            return fields[said.group(1)]
+    if item.field == "plugin_args":
         return fields.get("plugin_args", "plugin_args")
-    m = _REFUSED.match(message)
-    if m:
-        if m.group(2) in fields:
-            return fields[m.group(2)]
-        return fields.get(f"plugin:{m.group(1)}") or fields.get("plugin_args", "plugin_args")
-    for name in ("stop_token_ids", "logit_bias", "bad_words_ids"):
-        if message.startswith(f"{name} names"):
-            return name
-    return default
+    return item.field or default
 
 
 class GenerationCall:
@@ -173,7 +171,7 @@ class GenerationCall:
                 if unsent:
                     self.service.metrics.requests.labels(self.worker.name, outcome_for_status(item.status)).inc(unsent)
                 self.close()
-                param = rejection_param(item.message, self.fields, self.param) if item.status == 400 else None
+                param = rejection_param(item, self.fields, self.param) if item.status == 400 else None
                 raise APIError(item.status, item.message, param=param)
             elif isinstance(item, Interrupted):
                 self.raise_interrupted()

@@ -44,6 +44,8 @@ class Rejected:
     handle: "RequestHandle"
     status: int
     message: str
+    field: str | None = None   # the request field an engine RequestError named
+    plugin: str | None = None  # the plugin that refused it
 
 
 @dataclass(slots=True)
@@ -352,7 +354,8 @@ class EngineWorker:
                 pipe.submit(ids, h.params, request_id=h.request_id)
                 added.append(h)
             except (RequestError, ValueError) as exc:
-                failed = (400, str(exc) if len(handles) == 1 else f"prompt {i}: {exc}")
+                failed = (400, str(exc) if len(handles) == 1 else f"prompt {i}: {exc}", getattr(exc, "field", None),
+                          getattr(exc, "plugin", None))
             except Exception as exc:
                 log.exception("submitting a request to '%s' failed", self.name)
                 failed = (500, f"{type(exc).__name__}: {exc}")
@@ -368,11 +371,12 @@ class EngineWorker:
             self._handles[h.request_id] = h
             self._out.append((h, Accepted(h)))
 
-    def _reject(self, handles: list[RequestHandle], status: int, message: str) -> None:
+    def _reject(self, handles: list[RequestHandle], status: int, message: str, field: str | None = None,
+                plugin: str | None = None) -> None:
         if self.metrics is not None:
             self.metrics.requests.labels(self.name, outcome_for_status(status)).inc(len(handles))
         for h in handles:
-            self._out.append((h, Rejected(h, status, message)))
+            self._out.append((h, Rejected(h, status, message, field, plugin)))
 
     def _abort(self, request_id: str, reason: str) -> None:
         h = self._handles.get(request_id)
