@@ -31,6 +31,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fcfs": "tokenmill.plugins.batching.fcfs:FCFSScheduler",
     "contiguous_kv": "tokenmill.plugins.kv.contiguous:ContiguousKV",
     "sampler": "tokenmill.plugins.sampling.sampler:Sampler",
+    "logits_processors": "tokenmill.plugins.sampling.processors:LogitsProcessors",
     "paged_kv": "tokenmill.plugins.kv.paged:PagedKV",
     "continuous_batching": "tokenmill.plugins.batching.continuous:ContinuousBatching",
     "dynamic_batching": "tokenmill.plugins.batching.dynamic:DynamicBatching",
@@ -43,7 +44,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "structured_output": "tokenmill.plugins.structured:StructuredOutput",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
-DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler", "structured_output")
+DEFAULT_PLUGINS: tuple[str, ...] = ("fcfs", "contiguous_kv", "sampler", "logits_processors", "structured_output")
 
 FIRSTRESULT_HOOKS: tuple[str, ...] = tuple(
     name for name in dir(hookspecs)

@@ -19,6 +19,7 @@ BUILTIN_HOOKS = {
     "fcfs": ["schedule"],
     "contiguous_kv": ["allocate_kv", "free_kv", "init_kv_cache", "kv_stats", "trim_kv"],
     "sampler": ["verify_tokens"],
+    "logits_processors": ["check_request", "configure", "process_logits", "request_finished"],
     "structured_output": ["check_request", "configure", "process_logits", "request_args", "request_finished",
                           "shutdown"],
 }
