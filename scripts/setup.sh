@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh machine: CPU PyTorch, the default model's package, tokenmill with its extras,
-# the example third-party plugin, and the default model converted into the cache.
+# the example third-party plugins, and the default model converted into the cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,4 +11,5 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 "$PY" -m pip install -q -e ".[serve,dev]"
 "$PY" -m pip install -q --no-deps -e examples/tokenmill-sjf
+"$PY" -m pip install -q --no-deps -e examples/tokenmill-norepeat
 "$PY" -c "from tokenmill.model import resolve_model; print('default model:', resolve_model('smollm2-135m-instruct')[0])"
