@@ -106,6 +106,20 @@ class RequestState:
             generated = new[max(0, prompt_len - start):]
             if generated:
                 self.output.update(generated)
-                self.output_ids = torch.tensor(list(self.output), dtype=torch.long)
-                counts = torch.tensor(list(self.output.values()), dtype=torch.float32)
-                self.output_penalty = params.presence_penalty + params.frequency_penalty * counts
+                self.output_ids, self.output_penalty = penalties(self.output, params)
+
+    def penalties(self, params: SamplingParams, follows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and their presence + frequency penalty after the output and then ``follows`` (one entry
+        per distinct token, computed as for a sequence whose output ends with ``follows``)."""
+        if not follows:
+            return self.output_ids, self.output_penalty
+        counts = self.output.copy()
+        counts.update(follows)
+        return penalties(counts, params)
+
+
+def penalties(counts: Counter, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """``presence * (count > 0) + frequency * count`` for each token of ``counts``: (ids, penalties)."""
+    values = torch.tensor(list(counts.values()), dtype=torch.float32)
+    return (torch.tensor(list(counts), dtype=torch.long),
+            params.presence_penalty + params.frequency_penalty * values)

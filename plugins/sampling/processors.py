@@ -27,7 +27,8 @@ from tokenmill.sequence import Sequence
 
 
 class _Edits:
-    """Index edits of one kind gathered over the batch's rows: ``(row, token ids, values)`` triples."""
+    """Index edits of one kind gathered over the batch's rows: per row, token ids and (unless the kind sets a
+    constant) their values."""
 
     __slots__ = ("rows", "ids", "values")
 
@@ -36,17 +37,19 @@ class _Edits:
         self.ids: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def add(self, row: int, ids: torch.Tensor, values: torch.Tensor) -> None:
+    def add(self, row: int, ids: torch.Tensor, values: torch.Tensor | None = None) -> None:
         if len(ids):
             self.rows.append(torch.full((len(ids),), row, dtype=torch.long))
             self.ids.append(ids)
-            self.values.append(values)
+            if values is not None:
+                self.values.append(values)
 
-    def index(self, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    def index(self, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None] | None:
         """``((rows, ids), values)`` on ``device``, one entry per edit; None when there is none."""
         if not self.rows:
             return None
-        return (torch.cat(self.rows).to(device), torch.cat(self.ids).to(device)), torch.cat(self.values).to(device)
+        values = torch.cat(self.values).to(device) if self.values else None
+        return (torch.cat(self.rows).to(device), torch.cat(self.ids).to(device)), values
 
 
 def _longs(values: list[int]) -> torch.Tensor:
@@ -57,7 +60,8 @@ class LogitsProcessors(Plugin):
     """Applies each request's ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``,
     ``logit_bias``, ``min_tokens``, ``bad_words`` and ``bad_words_ids`` to its logits rows, draft rows
     included. Per-request state (bad words tokenized once, incremental token counts) lives from
-    ``check_request`` to ``request_finished``. Registered ``trylast``: it runs after every other processor."""
+    ``check_request`` to ``request_finished``. Registered ``trylast``: it runs after the processors a pipeline
+    names and the autoload ones."""
 
     name = "logits_processors"
 
@@ -106,43 +110,32 @@ class LogitsProcessors(Plugin):
                     ids = torch.cat([state.context_ids, _longs(extra)]) if extra else state.context_ids
                     repeat.add(row, ids, torch.full((len(ids),), float(params.repetition_penalty)))
                 if params.presence_penalty or params.frequency_penalty:
-                    penalty.add(row, state.output_ids, state.output_penalty)
-                    ids, values = self._draft_penalties(state, follows, params.presence_penalty,
-                                                        params.frequency_penalty)
-                    penalty.add(row, ids, values)
+                    penalty.add(row, *state.penalties(params, follows))
                 banned = state.bans.banned(seq.token_ids, follows) if state.bans is not None else []
                 if seq.num_output_tokens + len(follows) < params.min_tokens:
                     banned += state.stop_ids
-                ids = _longs(banned)
-                ban.add(row, ids, torch.empty(len(ids)))
+                ban.add(row, _longs(banned))
         self._apply(batch.logits, bias, repeat, penalty, ban)
 
     @staticmethod
-    def _draft_penalties(state: RequestState, follows: list[int], presence: float,
-                         frequency: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The presence / frequency penalties the draft tokens before a row add to the request's own."""
-        ids, values, first = [], [], set()
-        for t in follows:
-            fresh = t not in state.output and t not in first
-            first.add(t)
-            ids.append(t)
-            values.append(frequency + (presence if fresh else 0.0))
-        return _longs(ids), torch.tensor(values, dtype=torch.float32)
-
-    @staticmethod
     def _apply(logits: torch.Tensor, bias: _Edits, repeat: _Edits, penalty: _Edits, ban: _Edits) -> None:
+        """Each kind in one indexed read-modify-write over the batch. A ``(row, token)`` occurs at most once in
+        the bias, repetition and penalty edits (no accumulation, so the result is exact and deterministic and a
+        draft row gets bit for bit what the same context gets without drafts); bans may repeat (-inf is -inf)."""
         dev = logits.device
         found = bias.index(dev)
         if found is not None:
-            logits.index_put_(found[0], found[1].to(logits.dtype), accumulate=True)
+            where, added = found
+            logits[where] = logits[where] + added
         found = repeat.index(dev)
         if found is not None:
             where, factor = found
             scores = logits[where]
-            logits[where] = torch.where(scores < 0, scores * factor, scores / factor).to(logits.dtype)
+            logits[where] = torch.where(scores < 0, scores * factor, scores / factor)
         found = penalty.index(dev)
         if found is not None:
-            logits.index_put_(found[0], -found[1].to(logits.dtype), accumulate=True)
+            where, subtracted = found
+            logits[where] = logits[where] - subtracted
         found = ban.index(dev)
         if found is not None:
             logits[found[0]] = float("-inf")
