@@ -64,7 +64,7 @@ class Pipeline:
     def plugins(self) -> Mapping[str, Any]:
         """Read-only mapping from plugin name to the instance in this pipeline: the plugins the YAML names
         (in YAML order), then the autoload plugins and the defaults that take part (``fcfs``,
-        ``contiguous_kv``, ``sampler`` unless named)."""
+        ``contiguous_kv``, ``sampler``, ``logits_processors``, ``structured_output`` unless named)."""
         return self._plugins
 
     def _plugin_map(self, named: dict[str, Any]) -> dict[str, Any]:
