@@ -113,6 +113,8 @@ def check_request(seq):
     :raises ValueError: when the request is not acceptable to this plugin, with a message naming the
         argument and what is allowed. The request is then refused with a ``RequestError`` naming the plugin
         (nothing is queued; ``request_finished`` is called so state prepared by other plugins is dropped).
+        Raise a ``tokenmill.RequestError(message, field=...)`` to name the request field it is about (a
+        server points its 400 at it); otherwise the field is ``plugin_args``.
     """
 
 @hookspec(firstresult=True)
@@ -231,8 +233,8 @@ def process_logits(batch):
 
     Logits processors live here: penalties, biases, banned tokens, grammars (structured output),
     watermarks. Every implementation is called, in pipeline order (YAML order, then autoload plugins, then
-    the built-in ``logits_processors`` that apply the request's ``SamplingParams`` penalties and biases),
-    each seeing the edits of those before it.
+    the defaults: ``logits_processors``, which applies the request's ``SamplingParams`` penalties, biases
+    and bad words, then ``structured_output``'s grammar masks), each seeing the edits of those before it.
 
     The rows include the rows of draft positions: row ``batch.row_start[i] + k`` of ``batch.logits`` is the
     distribution of the token that follows ``batch.seqs[i].token_ids + batch.follows(i, k)`` (its position is

@@ -61,6 +61,6 @@ def check_plugin_args(pm, seq: Sequence, declared: dict[str, str]) -> None:
             warnings.warn(f"{other}; it may keep state for a refused request", RuntimeWarning, stacklevel=3)
         who = f"plugin '{failure.plugin}'" if failure.plugin else "a plugin"
         if isinstance(exc, ValueError):
-            raise RequestError(f"{who} refused the request: {exc}", field="plugin_args",
+            raise RequestError(f"{who} refused the request: {exc}", field=getattr(exc, "field", None) or "plugin_args",
                                plugin=failure.plugin) from None
         raise RequestError(str(failure), field="plugin_args", plugin=failure.plugin) from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.errors import RequestError
 from tokenmill.params import SamplingParams
 from tokenmill.sequence import Sequence
 
@@ -17,7 +18,7 @@ def bad_word_sequences(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
     """The token-id sequences ``bad_words`` bans: each word tokenized as it is and after a leading space
     (with no special tokens), so it is banned at the start of the text and in the middle of it.
 
-    :raises ValueError: a word that tokenizes to nothing either way, naming it.
+    :raises RequestError: (a ValueError) a word that tokenizes to nothing either way, naming it and the field.
     """
     out: dict[tuple[int, ...], None] = {}
     for word in words:
@@ -25,8 +26,8 @@ def bad_word_sequences(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
         found = [tuple(tokenizer.encode(text, add_special_tokens=False)) for text in (bare, " " + bare) if text]
         found = [ids for ids in found if ids]
         if not found:
-            raise ValueError(f"bad_words entry {word!r} tokenizes to no tokens, so it cannot be banned; "
-                             "give words that are text of this model's vocabulary")
+            raise RequestError(f"bad_words entry {word!r} tokenizes to no tokens, so it cannot be banned; "
+                               "give words that are text of this model's vocabulary", field="bad_words")
         out.update(dict.fromkeys(found))
     return list(out)
 
