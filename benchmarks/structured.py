@@ -1,6 +1,6 @@
 """Structured output under load: N concurrent json_schema requests vs the same N unconstrained, and compile times.
 
-    python benchmarks/structured.py [--requests 16] [--max-tokens 192] [--pipeline pipelines/default.yaml]
+    python benchmarks/structured.py [--requests 16] [--max-tokens 384] [--pipeline pipelines/default.yaml]
                                     [--repeats 2] [--threads 2]
 
 The default model through ``--pipeline`` (default ``pipelines/default.yaml``: FCFS iteration-level batching,
@@ -99,7 +99,7 @@ def compile_times(pipe) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "default.yaml"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
