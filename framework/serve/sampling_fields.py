@@ -115,8 +115,7 @@ def check_logprobs(v: int | None, field: str = "logprobs") -> int | None:
 
 def plugin_names(w: EngineWorker) -> set[str]:
     """The plugins of ``w``'s pipeline, by name (defaults and autoloaded ones included)."""
-    return {name.partition(":")[2] if name.startswith(("default:", "autoload:")) else name
-            for name, _ in w.pipeline.pm.list_name_plugin() if name}
+    return set(w.pipeline.plugins)
 
 
 def check_support(service: Service, w: EngineWorker, params: SamplingParams, body: SamplingFields) -> None:

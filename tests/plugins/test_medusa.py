@@ -87,3 +87,30 @@ def test_seeded_sampling_with_exact_medusa_is_plain_sampling(tiny_llama_dir, tra
     for how, tokens in seeded_runs(pipe).items():
         assert tokens == plain["alone"], how
     assert pipe.stats()["spec"]["draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("tree", [None, TREE])
+def test_constrained_output_under_medusa_is_the_plain_constrained_output(tiny_llama_dir, trained_heads, tree):
+    """Grammar masks reach Medusa's draft rows (chain and tree): the tokens are those of plain constrained
+    decoding, and the JSON answers parse and validate."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    import json
+
+    schema = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]},
+                                               "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["label", "score"], "additionalProperties": False}
+    specs = [{"type": "json_schema", "schema": schema}, {"type": "regex", "pattern": "[a-d]( [a-d]){3,6}"},
+             {"type": "choice", "choices": ["yes", "no", "maybe"]}]
+    params = [SamplingParams(max_tokens=48, plugin_args={"structured_output": s}) for s in specs]
+    base = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    ref = [r.token_ids for r in base.generate(PROMPTS, params)]
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+        {"medusa": {"heads": str(trained_heads), "adaptive": False, "tree": tree}},
+        {"continuous_batching": {}}, {"paged_kv": {"block_size": 4, "num_blocks": 96}}]), progress=False)
+    out = pipe.generate(PROMPTS, params)
+    assert [r.token_ids for r in out] == ref
+    jsonschema.validate(json.loads(out[0].text), schema)
+    assert out[2].text in ("yes", "no", "maybe")
+    assert pipe.stats()["spec"]["draft_tokens"] > 0
+    assert pipe.stats()["kv"]["used_blocks"] == 0

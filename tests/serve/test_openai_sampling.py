@@ -399,12 +399,18 @@ def test_bad_sampling_values_are_refused_naming_the_field(http, route, extra, pa
     assert err["param"] == param and param in err["message"], err
 
 
-def test_processor_fields_without_the_plugin_are_refused(http, served):
-    if LOGITS_PLUGIN in plugin_names(served[0].service.workers["samp"]):
-        pytest.skip(f"the {LOGITS_PLUGIN} plugin is in this pipeline")
-    r = http.post("/v1/completions", json={"model": "samp", "prompt": "x", "presence_penalty": 1})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty", r.text
-    assert f"needs the {LOGITS_PLUGIN} plugin" in r.json()["error"]["message"]
+def test_processor_fields_without_the_plugin_are_refused(make_server, tiny_llama_dir, monkeypatch):
+    from tokenmill import host
+
+    monkeypatch.setattr(host, "DEFAULT_PLUGINS", tuple(p for p in host.DEFAULT_PLUGINS if p != LOGITS_PLUGIN))
+    bare = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, name="bare"), progress=False)
+    run = make_server([bare])
+    assert LOGITS_PLUGIN not in plugin_names(run.service.workers["bare"])
+    with run.client() as c:
+        r = c.post("/v1/completions", json={"model": "bare", "prompt": "x", "presence_penalty": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty", r.text
+        assert f"needs the {LOGITS_PLUGIN} plugin" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"model": "bare", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_copies_not_yet_submitted_are_dropped_with_their_call(make_server, spare_pipeline):

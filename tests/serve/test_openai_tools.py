@@ -154,15 +154,20 @@ def test_bad_structured_output_is_refused_naming_the_field(http, structured, rou
     assert err["param"] == param and message in err["message"], err
 
 
-def test_structured_output_without_the_plugin_is_refused(http, pipes):
-    if "structured_output" in pipes[0].engine.request_args:
-        pytest.skip("the structured_output plugin is in this pipeline")
-    r = http.post("/v1/chat/completions", json={"model": "tools", "messages": MESSAGES,
-                                                "response_format": {"type": "json_object"}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
-    assert "needs structured output" in r.json()["error"]["message"]
-    r = http.post("/v1/chat/completions", json={"model": "tools", "messages": MESSAGES, "tools": [WEATHER]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+def test_structured_output_without_the_plugin_is_refused(make_server, tiny_llama_dir, monkeypatch):
+    from tokenmill import host
+
+    monkeypatch.setattr(host, "DEFAULT_PLUGINS", tuple(p for p in host.DEFAULT_PLUGINS if p != "structured_output"))
+    bare = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, name="bare"), progress=False)
+    assert "structured_output" not in bare.engine.request_args
+    run = make_server([bare])
+    with run.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "bare", "messages": MESSAGES,
+                                                 "response_format": {"type": "json_object"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+        assert "needs structured output" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"model": "bare", "messages": MESSAGES, "tools": [WEATHER]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
 
 
 # ---------------------------------------------------------------------------------------------- tools
