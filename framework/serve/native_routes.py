@@ -37,15 +37,20 @@ def native_result(final: Final, pipeline: str, texts=None) -> dict:
 def router(service: Service) -> APIRouter:
     r = APIRouter(tags=["native"])
 
-    @r.post("/v1/generate", response_model=GenerateResponse, responses=streams("text chunks, then a `done` event"),
-            summary="Generate from one prompt (Server-Sent Events with stream: true)")
-    async def generate(body: GenerateRequest, request: Request):
+    def accepted(body: GenerateRequest | BatchRequest):
+        """The arrival time, the worker and the sampling params of a body the chosen pipeline can serve."""
         received = time.perf_counter()
         w = service.worker(body.optimization)
         service.check_ready(w)
         params = body.sampling_params()
         service.check_max_tokens(w, params)
         check_support(service, w, params, body)
+        return received, w, params
+
+    @r.post("/v1/generate", response_model=GenerateResponse, responses=streams("text chunks, then a `done` event"),
+            summary="Generate from one prompt (Server-Sent Events with stream: true)")
+    async def generate(body: GenerateRequest, request: Request):
+        received, w, params = accepted(body)
         call = GenerationCall(service, w, request, [body.prompt], params, received=received, stream=body.stream,
                               chat=body.chat, prefix="gen", fields=body.engine_fields())
         texts = token_texts(w) if params.logprobs is not None else None
@@ -85,12 +90,7 @@ def router(service: Service) -> APIRouter:
     @r.post("/v1/generate/batch", response_model=BatchResponse,
             summary="Generate from several prompts submitted together, so they batch")
     async def generate_batch(body: BatchRequest, request: Request):
-        received = time.perf_counter()
-        w = service.worker(body.optimization)
-        service.check_ready(w)
-        params = body.sampling_params()
-        service.check_max_tokens(w, params)
-        check_support(service, w, params, body)
+        received, w, params = accepted(body)
         call = GenerationCall(service, w, request, list(body.prompts), params, received=received,
                               chat=body.chat, prefix="batch", fields=body.engine_fields())
         finals = await run_unary(call)
