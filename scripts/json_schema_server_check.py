@@ -1,0 +1,117 @@
+"""JSON schemas against a real server: every ``response_format: json_schema`` answer must parse and validate.
+
+    python scripts/json_schema_server_check.py [--pipeline pipelines/continuous.yaml] [--port 8765]
+
+Starts ``tokenmill serve`` on loopback with the pipeline (default model), sends one chat completion per schema
+of ``benchmarks/data/json_schemas.json`` and the set below (nested objects, arrays with item bounds, enums,
+integer ranges, patterns, a top-level array), all at once through the ``openai`` client, plus one
+``json_object`` request, and validates each answer with ``jsonschema``. Prints one line per schema and the valid
+fraction; exits 1 if any answer is invalid.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXTRA = {
+    "weather": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                 "temperature_c": {"type": "integer", "minimum": -60, "maximum": 60},
+                                                 "sky": {"enum": ["sunny", "cloudy", "rain", "snow"]}},
+                "required": ["city", "temperature_c", "sky"], "additionalProperties": False},
+    "book": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                              "authors": {"type": "array", "maxItems": 3,
+                                                          "items": {"type": "string", "maxLength": 24}},
+                                              "year": {"type": "integer", "minimum": 1800, "maximum": 2030}},
+             "required": ["title", "authors", "year"], "additionalProperties": False},
+    "recipe": {"type": "object", "properties": {"steps": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
+                                         "text": {"type": "string", "maxLength": 32}},
+        "required": ["n", "text"], "additionalProperties": False}}}, "required": ["steps"],
+        "additionalProperties": False},
+    "yes_no": {"type": "object", "properties": {"answer": {"type": "boolean"}, "why": {"type": "string",
+                                                                                      "maxLength": 48}},
+               "required": ["answer", "why"], "additionalProperties": False},
+    "address": {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "address": {"type": "object", "properties": {"street": {"type": "string", "maxLength": 30},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["street", "zip"], "additionalProperties": False}},
+        "required": ["name", "age", "address"], "additionalProperties": False}},
+        "required": ["user"], "additionalProperties": False},
+    "colors": {"type": "array", "maxItems": 5, "items": {"enum": ["red", "green", "blue", "yellow"]}},
+    "optional_fields": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                         "nick": {"type": "string", "maxLength": 12},
+                                                         "score": {"type": "number", "minimum": 0, "maximum": 1}},
+                        "required": ["id"], "additionalProperties": False},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "continuous.yaml"))
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--max-tokens", type=int, default=384)
+    args = ap.parse_args()
+
+    import httpx
+    import jsonschema
+    import openai
+    import yaml
+
+    schemas = dict(json.loads((ROOT / "benchmarks" / "data" / "json_schemas.json").read_text()), **EXTRA)
+    model = yaml.safe_load(Path(args.pipeline).read_text())["name"]
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", args.pipeline, "--port", str(args.port),
+                               "--quiet", "--max-queued-requests", "64"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0)
+    try:
+        for _ in range(1200):  # until the pipeline is built and warm (GET /ready answers 200)
+            try:
+                if httpx.get(f"http://127.0.0.1:{args.port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+        def ask(name: str, schema: dict | None):
+            fmt = ({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+                   if schema is not None else {"type": "json_object"})
+            what = f"following this JSON schema: {json.dumps(schema)}" if schema is not None else "about a cat"
+            r = client.chat.completions.create(model=model, max_tokens=args.max_tokens, response_format=fmt,
+                                               messages=[{"role": "user", "content": f"Reply with a JSON value {what}"}])
+            return name, schema, r.choices[0]
+
+        t0 = time.perf_counter()
+        jobs = list(schemas.items()) + [("json_object", None)]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: ask(*job), jobs))
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(60)
+    ok = 0
+    for name, schema, choice in answers:
+        try:
+            value = json.loads(choice.message.content)
+            if schema is not None:
+                jsonschema.validate(value, schema)
+            else:
+                assert isinstance(value, dict), "json_object must be an object"
+            verdict = "valid"
+            ok += 1
+        except Exception as exc:  # a parse or validation failure is what this script reports
+            verdict = f"INVALID ({type(exc).__name__}: {str(exc)[:80]})"
+        print(f"{name:16s} {choice.finish_reason:7s} {verdict}: {choice.message.content[:90]!r}")
+    print(f"\n{ok}/{len(answers)} answers parse and validate ({len(answers)} concurrent requests, {wall:.1f} s, "
+          f"pipeline {args.pipeline})")
+    return 0 if ok == len(answers) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
