@@ -3,8 +3,9 @@
     python scripts/json_schema_server_check.py [--pipeline pipelines/continuous.yaml] [--port 8765]
 
 Starts ``tokenmill serve`` on loopback with the pipeline (default model), sends one chat completion per schema
-of ``benchmarks/data/json_schemas.json`` and the set below (nested objects, arrays with item bounds, enums,
-integer ranges, patterns, a top-level array), all at once through the ``openai`` client, plus one
+of ``benchmarks/data/json_schemas.json`` (the structured benchmark's), ``json_schemas_varied.json`` (nested
+objects, arrays with item bounds, enums, integer ranges, patterns, a top-level array; the slow structured test's)
+and one with optional fields, all at once through the ``openai`` client, plus one
 ``json_object`` request, and validates each answer with ``jsonschema``. Prints one line per schema and the valid
 fraction; exits 1 if any answer is invalid.
 """
@@ -20,32 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXTRA = {
-    "weather": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                 "temperature_c": {"type": "integer", "minimum": -60, "maximum": 60},
-                                                 "sky": {"enum": ["sunny", "cloudy", "rain", "snow"]}},
-                "required": ["city", "temperature_c", "sky"], "additionalProperties": False},
-    "book": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
-                                              "authors": {"type": "array", "maxItems": 3,
-                                                          "items": {"type": "string", "maxLength": 24}},
-                                              "year": {"type": "integer", "minimum": 1800, "maximum": 2030}},
-             "required": ["title", "authors", "year"], "additionalProperties": False},
-    "recipe": {"type": "object", "properties": {"steps": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
-                                         "text": {"type": "string", "maxLength": 32}},
-        "required": ["n", "text"], "additionalProperties": False}}}, "required": ["steps"],
-        "additionalProperties": False},
-    "yes_no": {"type": "object", "properties": {"answer": {"type": "boolean"}, "why": {"type": "string",
-                                                                                      "maxLength": 48}},
-               "required": ["answer", "why"], "additionalProperties": False},
-    "address": {"type": "object", "properties": {"user": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "address": {"type": "object", "properties": {"street": {"type": "string", "maxLength": 30},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["street", "zip"], "additionalProperties": False}},
-        "required": ["name", "age", "address"], "additionalProperties": False}},
-        "required": ["user"], "additionalProperties": False},
-    "colors": {"type": "array", "maxItems": 5, "items": {"enum": ["red", "green", "blue", "yellow"]}},
+EXTRA = {  # optional properties: the grammar must let the model stop after any of them
     "optional_fields": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
                                                          "nick": {"type": "string", "maxLength": 12},
                                                          "score": {"type": "number", "minimum": 0, "maximum": 1}},
@@ -65,7 +41,9 @@ def main() -> int:
     import openai
     import yaml
 
-    schemas = dict(json.loads((ROOT / "benchmarks" / "data" / "json_schemas.json").read_text()), **EXTRA)
+    data = ROOT / "benchmarks" / "data"
+    schemas = {**json.loads((data / "json_schemas.json").read_text()),
+               **json.loads((data / "json_schemas_varied.json").read_text()), **EXTRA}
     model = yaml.safe_load(Path(args.pipeline).read_text())["name"]
     server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", args.pipeline, "--port", str(args.port),
                                "--quiet", "--max-queued-requests", "64"])

@@ -21,7 +21,8 @@ from tokenmill.errors import RequestError
 from tokenmill.params import SamplingParams
 from tokenmill.serve.metrics import current_account, outcome_for_status
 from tokenmill.serve.service import APIError, Service
-from tokenmill.serve.worker import Accepted, Delta, EngineWorker, Final, Interrupted, Rejected, RequestHandle
+from tokenmill.serve.items import Accepted, Delta, Final, Interrupted, Rejected, RequestHandle
+from tokenmill.serve.worker import EngineWorker
 
 ABORTED = ("cancelled", "abort", "timeout", "shutdown", "error")
 SEED_MAX = 2**63 - 1

@@ -15,7 +15,7 @@ from tokenmill.serve.responses import streams
 from tokenmill.serve.sampling_fields import check_support
 from tokenmill.serve.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from tokenmill.serve.service import Service
-from tokenmill.serve.worker import Delta, Final, Interrupted
+from tokenmill.serve.items import Delta, Final, Interrupted
 
 
 def native_result(final: Final, pipeline: str, texts=None) -> dict:

@@ -22,7 +22,7 @@ from tokenmill.serve.responses import (GENERATION_ERRORS, ChatCompletionResponse
 from tokenmill.serve.sampling_fields import check_support
 from tokenmill.serve.service import APIError, Service
 from tokenmill.serve.tools import encode_chat, parse_call
-from tokenmill.serve.worker import Delta, Final, Interrupted
+from tokenmill.serve.items import Delta, Final, Interrupted
 
 OPENAI_REASONS = {"stop": "stop", "length": "length"}
 

@@ -9,7 +9,7 @@ from starlette.responses import Response, StreamingResponse
 
 from tokenmill.serve.call import ClientGone, GenerationCall
 from tokenmill.serve.service import APIError
-from tokenmill.serve.worker import Final, Interrupted
+from tokenmill.serve.items import Final, Interrupted
 
 
 class EngineStreamResponse(StreamingResponse):

@@ -250,32 +250,9 @@ def test_aborting_a_constrained_request_drops_its_matcher(pipe):
 
 
 # ---------------------------------------------------------------- the default model
-SLOW_SCHEMAS = SCHEMAS + [
-    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
-                                      "temperature_c": {"type": "integer", "minimum": -60, "maximum": 60},
-                                      "sky": {"enum": ["sunny", "cloudy", "rain", "snow"]}},
-     "required": ["city", "temperature_c", "sky"], "additionalProperties": False},
-    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
-                                      "authors": {"type": "array", "maxItems": 3,
-                                                  "items": {"type": "string", "maxLength": 24}},
-                                      "year": {"type": "integer", "minimum": 1800, "maximum": 2030}},
-     "required": ["title", "authors", "year"], "additionalProperties": False},
-    {"type": "object", "properties": {"steps": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
-                                         "text": {"type": "string", "maxLength": 32}},
-        "required": ["n", "text"], "additionalProperties": False}}},
-     "required": ["steps"], "additionalProperties": False},
-    {"type": "object", "properties": {"answer": {"type": "boolean"}, "why": {"type": "string", "maxLength": 48}},
-     "required": ["answer", "why"], "additionalProperties": False},
-    {"type": "object", "properties": {"user": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "address": {"type": "object", "properties": {"street": {"type": "string", "maxLength": 30},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["street", "zip"], "additionalProperties": False}},
-        "required": ["name", "age", "address"], "additionalProperties": False}},
-     "required": ["user"], "additionalProperties": False},
-    {"type": "array", "maxItems": 5, "items": {"enum": ["red", "green", "blue", "yellow"]}},
-]
+# the fast tests' two schemas, then six more (shared with scripts/json_schema_server_check.py)
+SLOW_SCHEMAS = list(json.loads((Path(__file__).parents[2] / "benchmarks" / "data" /
+                                "json_schemas_varied.json").read_text()).values())
 SLOW_PROMPTS = ["Classify the sentiment of 'I love this!' as JSON.", "Describe a user named Bo as JSON.",
                 "Give the weather in Paris as JSON.", "Describe a famous book as JSON.",
                 "List the steps to make tea as JSON.", "Is the sky blue? Answer as JSON.",
