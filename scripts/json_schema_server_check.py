@@ -6,7 +6,8 @@ Starts ``tokenmill serve`` on loopback with the pipeline (default model), sends 
 of ``benchmarks/data/json_schemas.json`` (the structured benchmark's), ``json_schemas_varied.json`` (nested
 objects, arrays with item bounds, enums, integer ranges, patterns, a top-level array; the slow structured test's)
 and one with optional fields, all at once through the ``openai`` client, plus one
-``json_object`` request, and validates each answer with ``jsonschema``. Prints one line per schema and the valid
+``json_object`` request (any JSON object: nothing bounds its size, so it gets 4x ``--max-tokens``; an answer cut at
+the token limit cannot parse, whatever the grammar), and validates each answer with ``jsonschema``. Prints one line per schema and the valid
 fraction; exits 1 if any answer is invalid.
 """
 from __future__ import annotations
@@ -60,8 +61,10 @@ def main() -> int:
         def ask(name: str, schema: dict | None):
             fmt = ({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
                    if schema is not None else {"type": "json_object"})
-            what = f"following this JSON schema: {json.dumps(schema)}" if schema is not None else "about a cat"
-            r = client.chat.completions.create(model=model, max_tokens=args.max_tokens, response_format=fmt,
+            what = (f"following this JSON schema: {json.dumps(schema)}" if schema is not None
+                    else "object giving a cat's name and age")
+            budget = args.max_tokens if schema is not None else 4 * args.max_tokens  # any JSON has no size bound
+            r = client.chat.completions.create(model=model, max_tokens=budget, response_format=fmt,
                                                messages=[{"role": "user", "content": f"Reply with a JSON value {what}"}])
             return name, schema, r.choices[0]
 
