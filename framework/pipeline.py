@@ -125,10 +125,13 @@ class Pipeline:
             return self.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], *, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template (generation prompt added), with
+        ``tools`` (OpenAI-style function definitions) passed to templates that take them."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template; send a plain prompt")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ running

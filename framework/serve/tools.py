@@ -165,8 +165,6 @@ def encode_chat(pipe, messages: list[dict], tools: list[dict] | None) -> list[in
     try:
         if not tools and not calls:
             return pipe.encode(messages, chat=True)
-        if not source:
-            raise RequestError("this model's tokenizer has no chat template; send a plain prompt")
         messages = [dict(m) for m in messages]
         if calls and "tool_calls" not in source:
             for m in messages:
@@ -174,9 +172,9 @@ def encode_chat(pipe, messages: list[dict], tools: list[dict] | None) -> list[in
                     text = "\n".join(json.dumps({"name": c["function"]["name"], "arguments": c["function"][
                         "arguments"]}, ensure_ascii=False) for c in m.pop("tool_calls"))
                     m["content"] = (m.get("content") or "") + text
-        kwargs: dict[str, Any] = {}
+        offered = None
         if tools and "tools" in source:
-            kwargs["tools"] = tools
+            offered = tools
         elif tools:
             described = TOOLS_PROMPT.format(functions="\n".join(json.dumps(t["function"], ensure_ascii=False)
                                                                 for t in tools))
@@ -184,8 +182,7 @@ def encode_chat(pipe, messages: list[dict], tools: list[dict] | None) -> list[in
                 messages[0]["content"] = f"{messages[0]['content']}\n\n{described}".lstrip()
             else:
                 messages.insert(0, {"role": "system", "content": described})
-        text = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-        return pipe.tokenizer.encode(text, add_special_tokens=False)
+        return pipe.apply_chat_template(messages, tools=offered)
     except RequestError:
         raise
     except Exception as exc:  # jinja2's TemplateError (raise_exception in a template) and its kin

@@ -264,13 +264,12 @@ def test_bad_tool_requests_are_refused_naming_the_field(http, fields, param, mes
 
 # ---------------------------------------------------------------------------------------------- chat template
 class _Pipe:
+    """A pipeline with only a tokenizer: the real chat-template method, without building a model."""
+
+    apply_chat_template = Pipeline.apply_chat_template
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-
-    def apply_chat_template(self, messages):
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                        add_generation_prompt=True),
-                                     add_special_tokens=False)
 
 
 TOOLS_TEMPLATE = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
