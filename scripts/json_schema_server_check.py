@@ -5,10 +5,10 @@
 Starts ``tokenmill serve`` on loopback with the pipeline (default model), sends one chat completion per schema
 of ``benchmarks/data/json_schemas.json`` (the structured benchmark's), ``json_schemas_varied.json`` (nested
 objects, arrays with item bounds, enums, integer ranges, patterns, a top-level array; the slow structured test's)
-and one with optional fields, all at once through the ``openai`` client, plus one
-``json_object`` request (any JSON object: nothing bounds its size, so it gets 4x ``--max-tokens``; an answer cut at
-the token limit cannot parse, whatever the grammar), and validates each answer with ``jsonschema``. Prints one line per schema and the valid
-fraction; exits 1 if any answer is invalid.
+and one with optional fields, all at once through the ``openai`` client, plus ``json_object`` requests (any JSON
+object) with budgets from 24 tokens to ``--max-tokens``: nothing bounds such an answer's size, so these check that
+the grammar closes it before ``max_tokens`` cuts it. Validates each answer with ``jsonschema``; prints one line per
+request and the valid fraction; exits 1 if any answer is invalid.
 """
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ EXTRA = {  # optional properties: the grammar must let the model stop after any 
 }
 
 
+OBJECTS = {  # json_object requests: what each asks for
+    "cat": "object giving a cat's name and age", "story": "object holding a long story about a dragon",
+    "weather": "object with the weather in Paris, London and Rome", "user": "object describing a user named Bo",
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "continuous.yaml"))
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--max-tokens", type=int, default=384)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sent with every request (default: not sent, so the OpenAI default 1.0 samples)")
     args = ap.parse_args()
 
     import httpx
@@ -62,14 +70,16 @@ def main() -> int:
             fmt = ({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
                    if schema is not None else {"type": "json_object"})
             what = (f"following this JSON schema: {json.dumps(schema)}" if schema is not None
-                    else "object giving a cat's name and age")
-            budget = args.max_tokens if schema is not None else 4 * args.max_tokens  # any JSON has no size bound
-            r = client.chat.completions.create(model=model, max_tokens=budget, response_format=fmt,
+                    else OBJECTS[name.split(":")[0]])
+            budget = args.max_tokens if schema is not None else int(name.split(":")[1])
+            extra = {} if args.temperature is None else {"temperature": args.temperature}
+            r = client.chat.completions.create(model=model, max_tokens=budget, response_format=fmt, **extra,
                                                messages=[{"role": "user", "content": f"Reply with a JSON value {what}"}])
             return name, schema, r.choices[0]
 
         t0 = time.perf_counter()
-        jobs = list(schemas.items()) + [("json_object", None)]
+        jobs = list(schemas.items()) + [(f"{what}:{n}", None) for what, n in zip(OBJECTS, (24, 64, 128,
+                                                                                         args.max_tokens))]
         with cf.ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda job: ask(*job), jobs))
         wall = time.perf_counter() - t0
@@ -90,7 +100,7 @@ def main() -> int:
             verdict = f"INVALID ({type(exc).__name__}: {str(exc)[:80]})"
         print(f"{name:16s} {choice.finish_reason:7s} {verdict}: {choice.message.content[:90]!r}")
     print(f"\n{ok}/{len(answers)} answers parse and validate ({len(answers)} concurrent requests, {wall:.1f} s, "
-          f"pipeline {args.pipeline})")
+          f"pipeline {args.pipeline}, temperature {'default (1.0)' if args.temperature is None else args.temperature})")
     return 0 if ok == len(answers) else 1
 
 

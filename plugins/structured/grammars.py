@@ -44,6 +44,7 @@ class GrammarCache:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], size: int) -> None:
         self.tokenizer, self.vocab_size, self.stop_token_ids, self.size = tokenizer, vocab_size, stop_token_ids, size
         self.xgr: Any = None
+        self.info: Any = None  # xgrammar's TokenizerInfo (its decoded_vocab: each token's bytes)
         self.compiler: Any = None
         self.grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.hits = self.misses = 0
@@ -53,8 +54,8 @@ class GrammarCache:
         if self.compiler is None:
             xgr = import_xgrammar()
             info, self.json_safe = tokenizer_info(xgr, self.tokenizer, self.vocab_size, self.stop_token_ids)
-            self.xgr, self.compiler = xgr, xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
-                                                                 cache_enabled=False)
+            self.xgr, self.info = xgr, info
+            self.compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False)
         return self.compiler
 
     def get(self, spec: GrammarSpec):

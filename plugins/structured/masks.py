@@ -45,3 +45,8 @@ def pack(allowed: torch.Tensor) -> torch.Tensor:
     bits = allowed.view(-1, 32).to(torch.int64) << torch.arange(32, dtype=torch.int64)
     words = bits.sum(dim=1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack(words: torch.Tensor) -> torch.Tensor:
+    """The bool vector (``32 * len(words)`` long) of one bitmask row."""
+    return ((words.unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten()

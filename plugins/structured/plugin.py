@@ -9,8 +9,9 @@ import torch
 
 from tokenmill.hooktypes import PipelineContext, VerifyInput
 from tokenmill.plugin import Plugin, hookimpl
+from tokenmill.plugins.structured.closing import MAX_PLAN, SLACK, Closer
 from tokenmill.plugins.structured.grammars import GrammarCache
-from tokenmill.plugins.structured.masks import Bitmasks
+from tokenmill.plugins.structured.masks import Bitmasks, pack, unpack
 from tokenmill.plugins.structured.spec import DESCRIPTION, KEY, parse_spec
 from tokenmill.sequence import Sequence
 
@@ -18,12 +19,17 @@ from tokenmill.sequence import Sequence
 @dataclass(slots=True)
 class RequestGrammar:
     """One request's matcher: it has accepted the request's first ``consumed`` output tokens; ``done`` once it
-    accepted a stop token (from then on only stop tokens are allowed)."""
+    accepted a stop token (from then on only stop tokens are allowed). ``budget`` is the request's
+    ``max_tokens``; ``plan_len`` the length of the completion found at its newest row when ``plan_at`` tokens
+    were left (0: none searched yet)."""
 
     matcher: Any
+    budget: int
     json: bool = False  # JSON output: tokens with raw control characters are banned too
     consumed: int = 0
     done: bool = False
+    plan_len: int = 0
+    plan_at: int = 0
 
 
 class StructuredOutput(Plugin):
@@ -31,7 +37,8 @@ class StructuredOutput(Plugin):
     xgrammar. Specs are checked and compiled at submit (``check_request``; compiled grammars are cached by spec);
     each step every constrained row's bitmask is filled by the request's matcher and all of them are applied in
     one kernel call. When the grammar is complete only the EOS tokens are allowed, so the request ends with
-    finish_reason "stop". Requests without the argument cost nothing. Registered by default, ``trylast``."""
+    finish_reason "stop"; near ``max_tokens`` only tokens after which it can still be completed in time are
+    (:mod:`closing`). Requests without the argument cost nothing. Registered by default, ``trylast``."""
 
     name = KEY
 
@@ -47,6 +54,7 @@ class StructuredOutput(Plugin):
         super().__init__(options)
         self.grammars: GrammarCache | None = None
         self.masks: Bitmasks | None = None
+        self.closer: Closer | None = None
         self.states: dict[int, RequestGrammar] = {}  # seq_id -> matcher of a constrained request
         self.tokenizer = None
         self.vocab = 0
@@ -80,7 +88,9 @@ class StructuredOutput(Plugin):
         compiled = self.grammars.get(spec)
         if self.masks is None:
             self.masks = Bitmasks(self.grammars.xgr, self.vocab, sorted(self.stop_ids))
-        self.states[seq.seq_id] = RequestGrammar(self.grammars.matcher(compiled), spec.kind.startswith("json"))
+            self.closer = Closer(self.grammars.info.decoded_vocab, self.vocab, min(self.stop_ids), self.masks.words)
+        self.states[seq.seq_id] = RequestGrammar(self.grammars.matcher(compiled), seq.params.max_tokens,
+                                                 spec.kind.startswith("json"))
 
     @hookimpl(trylast=True)
     def request_finished(self, seq: Sequence) -> None:
@@ -154,9 +164,30 @@ class StructuredOutput(Plugin):
                     masks[start + k] = self.masks.stop_only
                 elif not m.fill_next_token_bitmask(masks, start + k):
                     continue  # every token is allowed here
+                else:
+                    self._close_in_time(st, batch.logits[start + k], masks, start + k, len(path))
                 rows.append(start + k)
         finally:  # the matcher is left where the request's own tokens put it
             self._rollback(m, sum(fed))
+
+    def _close_in_time(self, st: RequestGrammar, row: torch.Tensor, masks: torch.Tensor, r: int, depth: int) -> None:
+        """Near the end of the budget, narrow mask row ``r`` (``depth`` draft tokens past the request's own) to
+        the tokens after which the grammar can still be completed in the tokens left (:mod:`closing`). A
+        completion is searched for only where it might not fit: one token lengthens it by at most ``SLACK``."""
+        left = st.budget - st.consumed - depth  # tokens that may still be emitted, this row's included
+        if left <= 0:
+            return
+        if st.plan_at and st.plan_len + SLACK * (st.plan_at - left + 1) < left:
+            return
+        safe = self.grammars.json_safe if st.json else None
+        plan = self.closer.plan(st.matcher, safe)
+        if not depth:
+            st.plan_len, st.plan_at = (MAX_PLAN if plan is None else len(plan)), left
+        if plan is None or len(plan) + SLACK < left:
+            return
+        words = masks[r] if safe is None else masks[r] & safe
+        keep = self.closer.narrow(st.matcher, row, unpack(words), left, plan, safe, self.stop_ids)
+        masks[r] = pack(keep)
 
     def _walk(self, st: RequestGrammar, tokens: list[int], path: list[int], fed: list[bool]) -> bool:
         """Advance along draft ``tokens`` (extending ``path`` / ``fed``); False at the first one the grammar refuses."""

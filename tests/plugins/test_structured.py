@@ -89,10 +89,34 @@ def test_json_outputs_parse_and_validate(pipe):
             jsonschema.validate(json.loads(o.text), schema)
     outs = pipe.generate(PROMPTS, constrained("json_object", max_tokens=32))  # an object may go on and on
     for o in outs:
-        assert o.text.startswith("{") and not re.search(r"[\x00-\x1f]", o.text), o.text
-        if o.finish_reason == "stop":
-            assert isinstance(json.loads(o.text), dict), o.text
+        assert not re.search(r"[\x00-\x1f]", o.text), o.text
+        assert isinstance(json.loads(o.text), dict), o.text  # closed before the budget ran out
     assert any(o.finish_reason == "stop" for o in outs)
+
+
+BUDGETS = [6, 9, 16, 40]
+
+
+def test_json_answers_close_before_max_tokens(pipe):
+    # a random model writes strings and nestings that never end: each answer is closed in the tokens left
+    for spec, budgets in [(("json_object",), BUDGETS), (("json_schema", SCHEMAS[1]), [40, 64])]:
+        params = [constrained(*spec, max_tokens=n, **s) for n in budgets for s in SAMPLED + [dict(temperature=1.5,
+                                                                                               seed=7)]]
+        outs = pipe.generate([PROMPTS[i % len(PROMPTS)] for i in range(len(params))], params)
+        for p, o in zip(params, outs):
+            assert len(o.token_ids) <= p.max_tokens
+            value = json.loads(o.text)  # parses even where finish_reason is "length"
+            if spec[0] == "json_schema":
+                jsonschema.validate(value, spec[1])
+        assert any(o.finish_reason == "length" for o in outs), [o.text for o in outs]
+
+
+def test_closing_keeps_the_greedy_tokens_that_fit(pipe):
+    roomy = pipe.generate(PROMPTS, constrained("json_object", max_tokens=64))
+    for o in roomy:
+        if o.finish_reason == "stop":  # it ended by itself: a budget of exactly its length changes nothing
+            tight = pipe.generate(PROMPTS[roomy.index(o)], constrained("json_object", max_tokens=len(o.token_ids)))
+            assert tight[0].token_ids == o.token_ids
 
 
 def test_compiled_grammars_are_cached_by_spec(tiny_llama_dir):
@@ -147,13 +171,17 @@ def plain_constrained(pipe):
 
 
 @pytest.mark.parametrize("drafter", ["prompt_lookup", "self_draft", "other_draft"])
-def test_speculation_gives_the_plain_constrained_tokens(plain_constrained, tiny_llama_dir, draft_dir, drafter):
+def test_speculation_gives_the_plain_constrained_tokens(pipe, plain_constrained, tiny_llama_dir, draft_dir, drafter):
     params, reference = SPEC_PARAMS, plain_constrained
     spec_pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=drafter_plugins(
         drafter, tiny_llama_dir, draft_dir)), progress=False)
     outs = spec_pipe.generate(PROMPTS, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in reference]
     jsonschema.validate(json.loads(outs[0].text), SCHEMAS[1])
+    tight = [constrained("json_object", max_tokens=n) for n in BUDGETS]  # closing in time, drafts in the zone
+    outs = spec_pipe.generate(PROMPTS, tight)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in pipe.generate(PROMPTS, tight)]
+    assert all(isinstance(json.loads(o.text), dict) for o in outs)
     stats = spec_pipe.stats()["spec"]
     assert stats["draft_tokens"] > 0, stats
     if drafter != "other_draft":  # a weak random draft model is always rejected: the refused-draft path

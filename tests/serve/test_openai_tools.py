@@ -154,6 +154,21 @@ def test_bad_structured_output_is_refused_naming_the_field(http, structured, rou
     assert err["param"] == param and message in err["message"], err
 
 
+def test_json_object_answers_parse_at_any_max_tokens(oc, structured, tokenizer):
+    # nothing bounds an object's size: the grammar closes it in the tokens left, so even a "length" answer parses
+    # (the bias keeps the random model from closing its object at once, as it would)
+    bias = {str(t): -100 for t in tokenizer.convert_tokens_to_ids(["}", "{}"])}
+    texts = []
+    for n, temperature in [(5, 0), (9, 0), (17, 1.0), (33, 1.0)]:
+        out = oc.chat.completions.create(model="tools", messages=MESSAGES, max_tokens=n, temperature=temperature,
+                                         seed=1, response_format={"type": "json_object"}, logit_bias=bias)
+        choice = out.choices[0]
+        assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+        assert out.usage.completion_tokens <= n
+        texts.append(choice.message.content)
+    assert len(set(texts)) == len(texts), texts  # four different answers, the longer ones with long keys
+
+
 def test_structured_output_without_the_plugin_is_refused(make_server, tiny_llama_dir, monkeypatch):
     from tokenmill import host
 
