@@ -11,7 +11,7 @@ import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
-from tokenmill.errors import RequestError
+from tokenmill.errors import PipelineError, RequestError
 from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
@@ -19,6 +19,28 @@ from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
 
 Prompt = str | list[int]
+
+
+def quantize_model(pm, loaded: LoadedModel, progress: bool = False) -> list[str]:
+    """Run the pipeline's ``calibrate`` and ``quantize_layer`` hooks over ``loaded.model`` (swapping modules in
+    place); the names of the replaced layers."""
+    model = loaded.model
+    if pm.hook.calibrate.get_hookimpls():
+        pm.hook.calibrate(context=CalibrationContext(
+            model=model, tokenizer=loaded.tokenizer, model_name=loaded.name, device=loaded.device,
+            dtype=loaded.dtype, progress=progress))
+    if not pm.hook.quantize_layer.get_hookimpls():
+        return []
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        new = pm.hook.quantize_layer(name=name, module=module, model_config=model.config)
+        if new is not None and new is not module:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            replaced.append(name)
+    return replaced
 
 
 class Pipeline:
@@ -40,16 +62,33 @@ class Pipeline:
         self.loaded = loaded or load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
-        self.quantized_layers = self._quantize(model, progress)
-        cfg = model.config
-        max_len = min(spec.limits.max_model_len, getattr(cfg, "max_position_embeddings", spec.limits.max_model_len))
-        self.limits = SchedulerLimits(spec.limits.max_num_seqs, spec.limits.max_num_batched_tokens, max_len)
-        kv_spec = ModelRunner.kv_spec(model, dtype=self.loaded.dtype, device=self.loaded.device,
-                                      max_model_len=max_len, max_num_seqs=spec.limits.max_num_seqs)
-        pool = self.pm.hook.init_kv_cache(spec=kv_spec)
-        assert pool is not None, "no plugin answered init_kv_cache"
-        self.runner = ModelRunner(model, pool, attention=spec.attention, compile_spec=spec.compile,
-                                  max_model_len=max_len)
+        world = spec.parallel.tensor_parallel_size
+        group = shard = None
+        if world > 1:  # the worker ranks load their shards while this one slices and quantizes its own
+            group, shard = self._start_ranks(model, world)
+        try:
+            self.quantized_layers = quantize_model(self.pm, self.loaded, progress)
+            cfg = model.config
+            max_len = min(spec.limits.max_model_len, getattr(cfg, "max_position_embeddings",
+                                                             spec.limits.max_model_len))
+            self.limits = SchedulerLimits(spec.limits.max_num_seqs, spec.limits.max_num_batched_tokens, max_len)
+            kv_spec = ModelRunner.kv_spec(model, dtype=self.loaded.dtype, device=self.loaded.device,
+                                          max_model_len=max_len, max_num_seqs=spec.limits.max_num_seqs)
+            pool = self.pm.hook.init_kv_cache(spec=kv_spec)
+            assert pool is not None, "no plugin answered init_kv_cache"
+            options = dict(attention=spec.attention, compile_spec=spec.compile, max_model_len=max_len)
+            if group is None:
+                self.runner = ModelRunner(model, pool, **options)
+            else:
+                from tokenmill.parallel import ParallelRunner
+
+                group.wait_ready()
+                group.send(("pool", (pool.block_size, pool.num_blocks, max_len)))
+                self.runner = ParallelRunner(group, model, pool, shard=shard, **options)
+        except BaseException:
+            if group is not None:
+                group.close()
+            raise
         if self.runner.compiled or self.runner.attention.needs_warm_up:
             self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
         eos = self._eos_ids()
@@ -82,23 +121,22 @@ class Pipeline:
     def from_dict(cls, data: dict, **kwargs: Any) -> "Pipeline":
         return cls(load_spec(data), **kwargs)
 
-    def _quantize(self, model, progress: bool = False) -> list[str]:
+    def _start_ranks(self, model, world: int):
+        """Start worker ranks ``1 .. world - 1`` and slice this process's model to rank 0's shard."""
+        from tokenmill.model.shard import shard_model
+        from tokenmill.parallel import WorkerGroup
+
         if self.pm.hook.calibrate.get_hookimpls():
-            self.pm.hook.calibrate(context=CalibrationContext(
-                model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, device=self.loaded.device,
-                dtype=self.loaded.dtype, progress=progress))
-        if not self.pm.hook.quantize_layer.get_hookimpls():
-            return []
-        replaced = []
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                continue
-            new = self.pm.hook.quantize_layer(name=name, module=module, model_config=model.config)
-            if new is not None and new is not module:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-                replaced.append(name)
-        return replaced
+            raise PipelineError("a quantization that calibrates on the whole model (e.g. GPTQ) cannot be combined "
+                                "with parallel.tensor_parallel_size > 1; use int8 / int4 / nf4 without "
+                                "calibration, or tensor_parallel_size 1", source=self.spec.source)
+        group = WorkerGroup(self.spec.raw if self.spec.source == "<dict>" else self.spec.source, world,
+                            threads=self.spec.threads, device=self.spec.device)
+        try:
+            return group, shard_model(model, 0, world)
+        except BaseException:
+            group.close()
+            raise
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -227,6 +265,7 @@ class Pipeline:
                 self.engine.abort(rid)
         for failure in call_each(self.pm, "shutdown"):
             warnings.warn(f"{failure}; the other plugins are still shut down", RuntimeWarning, stacklevel=2)
+        self.runner.close()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for what plugins prepare in the background (``wait_ready`` hook), e.g. before timing the

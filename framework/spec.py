@@ -51,6 +51,17 @@ class LimitsSpec:
 
 
 @dataclass(slots=True)
+class ParallelSpec:
+    """``parallel:`` — tensor parallelism over ``torch.distributed`` (docs/distributed.md)."""
+
+    tensor_parallel_size: int = 1  # ranks the layers are split over (1: no split); the driver is rank 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+
+
+@dataclass(slots=True)
 class PluginSpec:
     name: str
     options: Any
@@ -72,6 +83,7 @@ class PipelineSpec:
     order: dict[str, list[str]] = field(default_factory=dict)
     compile: CompileSpec = field(default_factory=CompileSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
 
@@ -81,7 +93,7 @@ TOP_KEYS: dict[str, str] = {
     "dtype": " | ".join(DTYPES), "device": "cpu | cuda | cuda:N | mps | auto", "seed": "int",
     "threads": "int | null", "attention": "auto | an attention backend name (tokenmill.attention entry points)",
     "plugins": "list", "order": "mapping hook -> [plugin, ...]",
-    "compile": "mapping", "limits": "mapping",
+    "compile": "mapping", "limits": "mapping", "parallel": "mapping",
 }
 
 
@@ -146,13 +158,16 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
                 setattr(spec, key, val)
             else:
                 raise fail(f"'{key}' must be {TOP_KEYS[key]}, got {val!r}", (key,))
-    for key, cls in (("compile", CompileSpec), ("limits", LimitsSpec)):
+    for key, cls in (("compile", CompileSpec), ("limits", LimitsSpec), ("parallel", ParallelSpec)):
         if key in data:
             try:
                 setattr(spec, key, build_options(cls, data[key], f"'{key}'"))
             except OptionError as exc:
                 raise fail(str(exc), (key, exc.key) if exc.key else (key,)) from None
 
+    if spec.parallel.tensor_parallel_size > 1 and spec.compile.enabled:
+        raise fail("'compile' cannot be enabled with parallel.tensor_parallel_size > 1 (the compiled graphs do not "
+                   "hold the collectives yet); drop one of them", ("compile",))
     raw_plugins = data.get("plugins") or []
     if not isinstance(raw_plugins, list):
         raise fail("'plugins' must be a list of plugin names or {name: {options}} entries", ("plugins",))

@@ -16,6 +16,7 @@ from tokenmill.model.archs import Layer, build_arch
 from tokenmill.model.archs.base import attention_shape
 from tokenmill.model.attention import AttentionLayout, backend_class
 from tokenmill.model.batch import ForwardBatch, build_batch
+from tokenmill.model.shard import Shard
 
 
 @dataclass(slots=True)
@@ -41,10 +42,10 @@ class ModelRunner:
     """Runs any registered architecture on flattened batches over a paged KV pool."""
 
     def __init__(self, model, pool: KVPool, *, attention: str = "auto", compile_spec=None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, shard: Shard | None = None) -> None:
         self.model = model
         self.config = model.config
-        self.arch = build_arch(model)
+        self.arch = build_arch(model, shard)
         self.pool = pool
         param = next(model.parameters())
         self.device = param.device
@@ -128,6 +129,9 @@ class ModelRunner:
         s, d = slots(src), slots(dst)
         for cache in (*self.pool.k, *self.pool.v):
             cache.index_copy_(0, d, cache.index_select(0, s))
+
+    def close(self) -> None:
+        """Release what the runner holds beyond its tensors (a tensor-parallel runner: its worker ranks)."""
 
     # ------------------------------------------------------------------ the forward
     def _forward_impl(self, input_ids, positions, slot_mapping, logits_idx, metas, k_pool, v_pool):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.model.kernels.cpu_gemm import CpuLinear
+from tokenmill.model.shard import Shard
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,8 +103,9 @@ class Arch:
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, shard: Shard | None = None) -> None:
         self.model = model
+        self.shard = shard  # tensor parallelism: the model was sliced by shard_model; partial sums all-reduced
         self.config = cfg = model.config
         base = model.model
         self.base = base
@@ -111,6 +113,9 @@ class Arch:
         param = next(model.parameters())
         self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32)
         self.layers = [self.layer(i, hf) for i, hf in enumerate(base.layers)]
+        if shard is not None:  # the row-parallel outputs are partial sums
+            for layer in self.layers:
+                layer.o_proj, layer.mlp = _reduced(layer.o_proj, shard), _reduced(layer.mlp, shard)
 
     # ------------------------------------------------------------------ per layer
     def layer(self, index: int, hf) -> Layer:
@@ -154,7 +159,7 @@ class Arch:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         mod = self.base.embed_tokens
-        h = mod(input_ids)
+        h = mod(input_ids) if self.shard is None else self.shard.embed(mod, input_ids)
         scale = self.embed_scale()
         # HF's scaled embeddings multiply inside; a swapped-in (quantized) embedding does not, so we do
         if scale is not None and not hasattr(mod, "embed_scale"):
@@ -169,6 +174,15 @@ class Arch:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.base.norm(h)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states: ``[R, vocab]`` (a tensor-parallel rank's columns gathered)."""
+        out = self.linear.module(self.model.lm_head)(h)
+        return out if self.shard is None else self.shard.gather_vocab(out)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``[R, vocab]`` float32 logits from final-normed hidden states."""
-        return self.linear.module(self.model.lm_head)(h).float()
+        return self.head(h).float()
+
+
+def _reduced(call: Callable[[torch.Tensor], torch.Tensor], shard: Shard) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: shard.all_reduce(call(x))

@@ -24,7 +24,7 @@ class Gemma2(Gemma):
                 "mlp_in": hf.pre_feedforward_layernorm, "mlp_out": hf.post_feedforward_layernorm}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.linear.module(self.model.lm_head)(h)
+        logits = self.head(h)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -38,7 +38,7 @@ class Granite(Arch):
         return float(self.config.embedding_multiplier)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return (self.linear.module(self.model.lm_head)(h) / self.config.logits_scaling).float()
+        return (self.head(h) / self.config.logits_scaling).float()
 
 
 class Olmo2(Arch):
