@@ -11,7 +11,7 @@ import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
-from tokenmill.errors import PipelineError, RequestError
+from tokenmill.errors import RequestError
 from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
@@ -64,10 +64,14 @@ class Pipeline:
         model = self.loaded.model
         world = spec.parallel.tensor_parallel_size
         group = shard = None
-        if world > 1:  # the worker ranks load their shards while this one slices and quantizes its own
-            group, shard = self._start_ranks(model, world)
+        if world > 1:  # the worker ranks load theirs while this one quantizes and slices its own
+            group = self._start_ranks(world)
         try:
             self.quantized_layers = quantize_model(self.pm, self.loaded, progress)
+            if group is not None:
+                from tokenmill.model.shard import shard_model
+
+                shard = shard_model(model, 0, world)
             cfg = model.config
             max_len = min(spec.limits.max_model_len, getattr(cfg, "max_position_embeddings",
                                                              spec.limits.max_model_len))
@@ -121,22 +125,15 @@ class Pipeline:
     def from_dict(cls, data: dict, **kwargs: Any) -> "Pipeline":
         return cls(load_spec(data), **kwargs)
 
-    def _start_ranks(self, model, world: int):
-        """Start worker ranks ``1 .. world - 1`` and slice this process's model to rank 0's shard."""
-        from tokenmill.model.shard import shard_model
+    def _start_ranks(self, world: int):
+        """Start worker ranks ``1 .. world - 1`` (each builds its own shard)."""
+        from tokenmill.model.shard import check_shardable
         from tokenmill.parallel import WorkerGroup
 
-        if self.pm.hook.calibrate.get_hookimpls():
-            raise PipelineError("a quantization that calibrates on the whole model (e.g. GPTQ) cannot be combined "
-                                "with parallel.tensor_parallel_size > 1; use int8 / int4 / nf4 without "
-                                "calibration, or tensor_parallel_size 1", source=self.spec.source)
-        group = WorkerGroup(self.spec.raw if self.spec.source == "<dict>" else self.spec.source, world,
-                            threads=self.spec.threads, device=self.spec.device)
-        try:
-            return group, shard_model(model, 0, world)
-        except BaseException:
-            group.close()
-            raise
+        check_shardable(self.loaded.model.config, world)
+
+        return WorkerGroup(self.spec.raw if self.spec.source == "<dict>" else self.spec.source, world,
+                           threads=self.spec.threads, device=self.spec.device)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -304,4 +301,7 @@ class Pipeline:
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
             "compiled": self.runner.compiled, "attention": self.runner.attention.name,
             "plugins": {p.name: repr(getattr(self._plugins[p.name], "options", None)) for p in self.spec.plugins},
+            "tensor_parallel": {"size": self.spec.parallel.tensor_parallel_size,
+                                "weight_bytes_per_rank": self.runner.weight_bytes()}
+            if hasattr(self.runner, "group") else None,
         }

@@ -9,7 +9,8 @@ intermediate columns and of the vocabulary:
 * vocab-parallel embedding: each rank looks up the ids in its range, zeros elsewhere, all-reduce.
 
 Shares need not be equal: SmolLM2's 3 KV heads split 2 + 1 over two ranks. :func:`shard_model` slices an HF
-model in place (before quantization, so quantized modules get per-shard scales) and sets the config's head and
+model in place (after quantization: an int8 layer is split with its scales, so every rank computes exactly
+the unsharded layer's share) and sets the config's head and
 intermediate counts to the rank's own, which is what the architecture and the KV pool are then built from.
 """
 from __future__ import annotations
@@ -64,84 +65,105 @@ class Shard:
         return torch.cat([p[:, :n] for p, n in zip(parts, self.vocab)], dim=1)
 
 
-def _rows(linear: torch.nn.Linear, start: int, stop: int) -> None:
-    """Keep output features ``[start, stop)`` (column-parallel)."""
-    linear.weight = torch.nn.Parameter(linear.weight.data[start:stop].clone(), requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = torch.nn.Parameter(linear.bias.data[start:stop].clone(), requires_grad=False)
-    linear.out_features = stop - start
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (a tied matrix is one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
-def _cols(linear: torch.nn.Linear, start: int, stop: int, rank: int) -> None:
-    """Keep input features ``[start, stop)`` (row-parallel); the bias is added once, on rank 0."""
-    linear.weight = torch.nn.Parameter(linear.weight.data[:, start:stop].clone(), requires_grad=False)
-    if linear.bias is not None and rank != 0:
-        linear.bias = torch.nn.Parameter(torch.zeros_like(linear.bias.data), requires_grad=False)
-    linear.in_features = stop - start
+def _take(parent, attr: str, dim: int, index: torch.Tensor, keep_bias: bool = True) -> None:
+    """Keep output features (``dim`` 0, column-parallel) or input features (``dim`` 1, row-parallel) ``index``
+    of the projection ``parent.<attr>``: a plain ``nn.Linear`` is sliced, a quantized one must offer
+    ``take(dim, index, keep_bias)`` (int8 does: its per-row scales go with the rows, and a row-parallel share
+    keeps the full rows' scales, so the sums equal the unsharded layer's). ``keep_bias`` False drops a
+    row-parallel bias (it is added once, on rank 0)."""
+    mod = getattr(parent, attr)
+    if type(mod) is torch.nn.Linear:
+        w = mod.weight.data.index_select(dim, index).clone()
+        mod.weight = torch.nn.Parameter(w, requires_grad=False)
+        if mod.bias is not None:
+            mod.bias = (torch.nn.Parameter(mod.bias.data[index].clone(), requires_grad=False) if dim == 0 else
+                        mod.bias if keep_bias else None)
+        mod.out_features, mod.in_features = w.shape
+    elif hasattr(mod, "take"):
+        setattr(parent, attr, mod.take(dim, index, keep_bias))
+    else:
+        raise ValueError(f"tensor parallelism cannot split {attr} ({type(mod).__name__}): it splits plain and int8 "
+                         "layers; use int8 or no quantization with parallel.tensor_parallel_size > 1")
 
 
-def _range(sizes: list[int], rank: int, unit: int = 1) -> tuple[int, int]:
+def _span(sizes: list[int], rank: int, unit: int = 1, offset: int = 0) -> torch.Tensor:
     lo = sum(sizes[:rank]) * unit
-    return lo, lo + sizes[rank] * unit
+    return torch.arange(offset + lo, offset + lo + sizes[rank] * unit)
 
 
 UNSHARDABLE = {"olmo2": "its q/k norms span all heads", "mixtral": "mixture-of-experts blocks are not split",
                "qwen3_moe": "mixture-of-experts blocks are not split"}
 
 
+def check_shardable(cfg, world: int) -> None:
+    """ValueError unless a model of config ``cfg`` splits over ``world`` ranks (checked before any rank starts)."""
+    if cfg.model_type in UNSHARDABLE:
+        raise ValueError(f"tensor_parallel_size {world}: model type '{cfg.model_type}' cannot be sharded "
+                         f"({UNSHARDABLE[cfg.model_type]})")
+    hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if hk < world:
+        raise ValueError(f"tensor_parallel_size {world} is more than the model's {hk} KV heads; allowed: 1 to {hk}")
+
+
 def shard_model(model, rank: int, world: int) -> Shard:
     """Slice ``model`` (an HF causal LM, not yet quantized) in place to rank ``rank``'s share of ``world``;
     ValueError naming what does not split."""
     cfg = model.config
-    if cfg.model_type in UNSHARDABLE:
-        raise ValueError(f"tensor_parallel_size {world}: model type '{cfg.model_type}' cannot be sharded "
-                         f"({UNSHARDABLE[cfg.model_type]})")
+    check_shardable(cfg, world)
     hq = cfg.num_attention_heads
     hk = getattr(cfg, "num_key_value_heads", None) or hq
-    if hk < world:
-        raise ValueError(f"tensor_parallel_size {world} is more than the model's {hk} KV heads; allowed: 1 to {hk}")
     layers = model.model.layers
     head_dim = getattr(layers[0].self_attn, "head_dim", None) or cfg.hidden_size // hq
     group = hq // hk
     kv = split_sizes(hk, world)
     inter = split_sizes(cfg.intermediate_size, world)
+    q_idx, k_idx = _span(kv, rank, group * head_dim), _span(kv, rank, head_dim)
+    i_idx = _span(inter, rank)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.head_dim = head_dim
-        q_lo, q_hi = _range(kv, rank, group * head_dim)
-        k_lo, k_hi = _range(kv, rank, head_dim)
         if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v fused in one projection
-            w = attn.qkv_proj
-            q_w, k_w, v_w = w.weight.data.split([hq * head_dim, hk * head_dim, hk * head_dim])
-            w.weight = torch.nn.Parameter(torch.cat([q_w[q_lo:q_hi], k_w[k_lo:k_hi], v_w[k_lo:k_hi]]).clone(),
-                                          requires_grad=False)
-            w.out_features = w.weight.shape[0]
+            _take(attn, "qkv_proj", 0, torch.cat([q_idx, k_idx + hq * head_dim, k_idx + (hq + hk) * head_dim]))
         else:
-            _rows(attn.q_proj, q_lo, q_hi)
-            _rows(attn.k_proj, k_lo, k_hi)
-            _rows(attn.v_proj, k_lo, k_hi)
-        _cols(attn.o_proj, q_lo, q_hi, rank)
-        i_lo, i_hi = _range(inter, rank)
+            for name, idx in (("q_proj", q_idx), ("k_proj", k_idx), ("v_proj", k_idx)):
+                _take(attn, name, 0, idx)
+        _take(attn, "o_proj", 1, q_idx, rank == 0)
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up fused
-            g, u = mlp.gate_up_proj.weight.data.chunk(2)
-            mlp.gate_up_proj.weight = torch.nn.Parameter(torch.cat([g[i_lo:i_hi], u[i_lo:i_hi]]).clone(),
-                                                         requires_grad=False)
-            mlp.gate_up_proj.out_features = 2 * (i_hi - i_lo)
+            _take(mlp, "gate_up_proj", 0, torch.cat([i_idx, i_idx + cfg.intermediate_size]))
         else:
-            _rows(mlp.gate_proj, i_lo, i_hi)
-            _rows(mlp.up_proj, i_lo, i_hi)
-        _cols(mlp.down_proj, i_lo, i_hi, rank)
+            _take(mlp, "gate_proj", 0, i_idx)
+            _take(mlp, "up_proj", 0, i_idx)
+        _take(mlp, "down_proj", 1, i_idx, rank == 0)
     vocab = split_sizes(cfg.vocab_size, world)
-    v_lo, v_hi = _range(vocab, rank)
-    embed, head = model.model.embed_tokens, model.lm_head
-    tied = head.weight is embed.weight
-    embed.weight = torch.nn.Parameter(embed.weight.data[v_lo:v_hi].clone(), requires_grad=False)
-    embed.num_embeddings, embed.padding_idx = v_hi - v_lo, None  # padding_idx only shapes gradients
-    if tied:
-        head.weight = embed.weight
-        head.out_features = v_hi - v_lo
-    else:
-        _rows(head, v_lo, v_hi)
+    _shard_vocab(model, _span(vocab, rank))
     cfg.num_attention_heads, cfg.num_key_value_heads = kv[rank] * group, kv[rank]
-    cfg.intermediate_size = i_hi - i_lo
+    cfg.intermediate_size = len(i_idx)
     return Shard(rank, world, tuple(vocab))
+
+
+def _shard_vocab(model, index: torch.Tensor) -> None:
+    """The embedding's and the LM head's rows ``index``; a tied pair stays one matrix (plain or quantized)."""
+    base, n = model.model, len(index)
+    embed = base.embed_tokens
+    table = getattr(embed, "table", None)  # a quantized embedding dequantizes rows of this QuantLinear
+    tied = (table is not None and table is model.lm_head) or getattr(embed, "weight", None) is getattr(
+        model.lm_head, "weight", 0)
+    _take(model, "lm_head", 0, index)
+    if table is not None:
+        embed.table = model.lm_head if tied else table.take(0, index, True)
+    elif tied:
+        embed.weight = model.lm_head.weight
+    else:
+        embed.weight = torch.nn.Parameter(embed.weight.data[index].clone(), requires_grad=False)
+    embed.num_embeddings, embed.padding_idx = n, None  # padding_idx only shapes gradients

@@ -53,6 +53,7 @@ class WorkerGroup:
         self.on_failure: list[Callable[[str], None]] = []
         self.closing = False
         self._ready = [threading.Event() for _ in range(world)]
+        self.weight_bytes: dict[int, int] = {}  # rank -> bytes of its shard's weights (as each worker measured)
         backend = "nccl" if device.startswith("cuda") else "gloo"
         address = f"tcp://127.0.0.1:{free_port()}"
         key = os.urandom(16)
@@ -100,6 +101,7 @@ class WorkerGroup:
                         self._fail(self._died(rank))
                     continue
                 if kind == "ready":
+                    self.weight_bytes[rank] = text
                     self._ready[rank].set()
                 else:
                     self._fail(f"tensor-parallel rank {rank} failed: {text}")

@@ -22,6 +22,12 @@ class ParallelRunner(ModelRunner):
         """Why the pipeline can run no more steps (a rank died or raised), or None."""
         return self.group.failure
 
+    def weight_bytes(self) -> list[int]:
+        """Bytes of each rank's weights, rank 0 first."""
+        from tokenmill.model.shard import weight_bytes
+
+        return [weight_bytes(self.model)] + [self.group.weight_bytes[r] for r in range(1, self.group.world)]
+
     @property
     def on_failure(self) -> list[Callable[[str], None]]:
         """Callbacks run (on a watcher thread) with the message when a rank fails."""

@@ -13,7 +13,7 @@ import torch
 
 
 class ModelPart:
-    """A worker rank's shard: the model sliced and quantized as the driver's is, and what its runner needs."""
+    """A worker rank's shard: the model quantized and sliced as the driver's is, and what its runner needs."""
 
     def __init__(self, source, rank: int, world: int) -> None:
         from tokenmill.host import instantiate, make_plugin_manager
@@ -26,8 +26,8 @@ class ModelPart:
         named = {p.name: instantiate(p.obj, p.options) for p in spec.plugins}
         pm = make_plugin_manager(list(named.items()), spec.order)  # for the quantize_layer hooks only
         self.loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, progress=False)
-        self.shard = shard_model(self.loaded.model, rank, world)
         quantize_model(pm, self.loaded, False)
+        self.shard = shard_model(self.loaded.model, rank, world)
 
     def runner(self, block_size: int, num_blocks: int, max_len: int):
         """The rank's runner over a pool of the driver's geometry holding this rank's KV heads."""
@@ -74,7 +74,9 @@ def main(argv: list[str]) -> None:
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=TIMEOUT_S))
         part = ModelPart(source, rank, world)
-        conn.send(("ready", None))
+        from tokenmill.model.shard import weight_bytes
+
+        conn.send(("ready", weight_bytes(part.loaded.model)))
         kind, geometry = pickle.loads(conn.recv_bytes())
         assert kind == "pool", kind
         runner = part.runner(*geometry)

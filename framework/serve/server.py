@@ -82,7 +82,7 @@ class DrainingServer(uvicorn.Server):
         if self.exit_on_load_failure and not self.load_failed:
             failed = {n: w.error for n, w in self.service.workers.items() if w.state == "failed"}
             if failed:
-                log.error("pipeline(s) failed to load, exiting: %s", failed)
+                log.error("pipeline(s) failed, exiting: %s", failed)
                 self.load_failed = True
                 self.should_exit = True
         if self._drain_requested and self._drain_task is None and not self.should_exit:

@@ -122,6 +122,9 @@ class EngineWorker:
             if self.pipeline is None:
                 self.state = "loading"
                 self.pipeline = self._factory()
+            listeners = getattr(self.pipeline.runner, "on_failure", None)  # a tensor-parallel runner's ranks
+            if listeners is not None:
+                listeners.append(lambda message: self._cmds.put(("fatal", message)))
             self.limits = self.pipeline.limits
             self.max_token_chars = max_token_chars(self.pipeline.tokenizer)
             self.state = "warming"
@@ -243,6 +246,9 @@ class EngineWorker:
                 loop.call_soon_threadsafe(_settle, fut, result, exc)
             except RuntimeError:  # that event loop is gone
                 pass
+        elif kind == "fatal":  # the pipeline can run no more steps (a tensor-parallel rank died)
+            self.state, self.error = "failed", cmd[1]
+            self._fail_all(cmd[1])
         elif kind == "stop":
             self._stopping = True
             if self.state == "ready":

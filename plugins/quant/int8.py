@@ -105,6 +105,15 @@ class Int8Linear(QuantLinear):
         # int8 values are exact in bf16/fp16/fp32; the scale is applied to the output
         return F.linear(xc, self.qweight.to(cd)) * self.scales_c
 
+    def take(self, dim: int, index: torch.Tensor, keep_bias: bool = True) -> "Int8Linear":
+        """A copy holding output rows (``dim`` 0) or input columns (``dim`` 1) ``index`` (tensor parallelism):
+        each row keeps its scale, so a column share's partial sums add up to this layer's output."""
+        q = self.qweight[:, :self.in_features].index_select(dim, index).clone()
+        scales = self.scales[index] if dim == 0 else self.scales
+        bias = None if self.bias is None else self.bias[index] if dim == 0 else self.bias if keep_bias else None
+        return Int8Linear(q, scales.clone(), bias, compute_dtype=self.compute_dtype,
+                          kernel_max_rows=self.kernel_max_rows)
+
     def portable_state(self):
         meta = {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None}
