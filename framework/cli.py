@@ -13,15 +13,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop or [])
-    pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
-    t0 = time.perf_counter()
-    out = None
-    for chunk in pipe.stream(args.prompt, params, chat=args.chat):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        out = chunk.output or out
-    sys.stdout.write("\n")
-    wall = time.perf_counter() - t0
+    with Pipeline.from_yaml(args.pipeline, progress=not args.quiet) as pipe:  # closing stops any worker ranks
+        t0 = time.perf_counter()
+        out = None
+        for chunk in pipe.stream(args.prompt, params, chat=args.chat):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            out = chunk.output or out
+        sys.stdout.write("\n")
+        wall = time.perf_counter() - t0
     assert out is not None
     n = out.num_output_tokens
     rate = out.decode_tokens_per_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,26 +132,32 @@ def test_a_dead_rank_fails_its_request_and_the_pipeline(tiny_llama_dir):
         pipe.close()
 
 
-def test_killing_a_rank_of_the_cli_server_fails_the_request_and_exits(tiny_llama_dir, tmp_path):
+def _serve(model_dir, tmp_path):
     yaml = tmp_path / "tp.yaml"
-    yaml.write_text(f"name: tp-cli\nmodel: {tiny_llama_dir}\nthreads: 1\nparallel: {{tensor_parallel_size: 2}}\n"
+    yaml.write_text(f"name: tp-cli\nmodel: {model_dir}\nthreads: 1\nparallel: {{tensor_parallel_size: 2}}\n"
                     "limits: {max_model_len: 512, max_num_seqs: 4, max_num_batched_tokens: 512}\n")
-    with __import__("socket").socket() as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(yaml), "--port", str(port), "--quiet",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, TOKENMILL_API_KEY=""), cwd=Path(__file__).resolve().parents[2])
     base = f"http://127.0.0.1:{port}"
-    try:
-        def ready():
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(base + "/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
 
-        wait_until(ready, timeout=120, interval=0.2, what="the tensor-parallel server to be ready")
+    def ready():
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(base + "/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout=120, interval=0.2, what="the tensor-parallel server to be ready")
+    return proc, base
+
+
+def test_killing_a_rank_of_the_cli_server_fails_the_request_and_exits(tiny_llama_dir, tmp_path):
+    proc, base = _serve(tiny_llama_dir, tmp_path)
+    try:
         (worker,) = _worker_pids(proc.pid)
         with httpx.Client(base_url=base, timeout=60) as c, \
                 c.stream("POST", "/v1/generate", json={"prompt": "hi", "max_tokens": 400, "ignore_eos": True,
@@ -163,6 +170,21 @@ def test_killing_a_rank_of_the_cli_server_fails_the_request_and_exits(tiny_llama
         assert proc.wait(timeout=30) != 0
         out = proc.stdout.read()
         assert "tensor-parallel rank 1" in out, out
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_stops_the_cli_server_and_its_ranks(tiny_llama_dir, tmp_path):
+    proc, base = _serve(tiny_llama_dir, tmp_path)
+    try:
+        (worker,) = _worker_pids(proc.pid)
+        r = httpx.post(base + "/v1/generate", json={"prompt": "hi", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
         assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
     finally:
         if proc.poll() is None:
