@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import psutil
@@ -16,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model, tiny_pipeline_dict
-from tests.serve.helpers import wait_until
+from tests.serve.helpers import cli_server, wait_until
 from tokenmill import Pipeline, SamplingParams
 from tokenmill.errors import PipelineError
 from tokenmill.plugin import Plugin, hookimpl
@@ -136,23 +132,7 @@ def _serve(model_dir, tmp_path):
     yaml = tmp_path / "tp.yaml"
     yaml.write_text(f"name: tp-cli\nmodel: {model_dir}\nthreads: 1\nparallel: {{tensor_parallel_size: 2}}\n"
                     "limits: {max_model_len: 512, max_num_seqs: 4, max_num_batched_tokens: 512}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(yaml), "--port", str(port), "--quiet",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, TOKENMILL_API_KEY=""), cwd=Path(__file__).resolve().parents[2])
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            return httpx.get(base + "/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, timeout=120, interval=0.2, what="the tensor-parallel server to be ready")
-    return proc, base
+    return cli_server(yaml, timeout=120)
 
 
 def test_killing_a_rank_of_the_cli_server_fails_the_request_and_exits(tiny_llama_dir, tmp_path):

@@ -4,10 +4,14 @@ classes (whose class attributes tests set) exist once."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -150,3 +154,31 @@ def metric(text: str, name: str, **labels) -> float:
         if all(got.get(k) == str(v) for k, v in labels.items()):
             return float(value)
     return 0.0
+
+
+def cli_server(yaml: Path, *args: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """``tokenmill serve YAML`` in a subprocess on a free port (output captured, text), once ``/ready`` answers
+    200; the process and its base URL. The caller kills it if it is still running."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(yaml), "--port", str(port), "--quiet",
+                             "--log-level", "warning", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TOKENMILL_API_KEY="", PYTHONUNBUFFERED="1"), text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(base + "/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, timeout=timeout, interval=0.1, what=f"the CLI server of {yaml} to be ready")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc, base

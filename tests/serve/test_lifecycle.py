@@ -4,9 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.helpers import Slow, sse_events, wait_until
+from tests.serve.helpers import Slow, cli_server, sse_events, wait_until
 from tokenmill.errors import ModelLoadError
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -162,33 +159,13 @@ def test_drain_deadline_aborts_the_rest(make_server, spare_pipeline):
     assert spare_pipeline.stats()["kv"]["used_blocks"] == 0 and not spare_pipeline.engine.requests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_the_cli_server(tiny_llama_dir, tmp_path):
     """`tokenmill serve` in a subprocess: SIGTERM -> 503 for new requests, in-flight finishes, exit 0."""
     yaml = tmp_path / "tiny.yaml"
     yaml.write_text(f"name: tiny-cli\nmodel: {tiny_llama_dir}\ndtype: float32\ndevice: cpu\n"
                     "limits: {max_model_len: 512, max_num_seqs: 4, max_num_batched_tokens: 512}\nthreads: 1\n")
-    port = _free_port()
-    env = dict(os.environ, TOKENMILL_API_KEY="", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(yaml), "--port", str(port), "--quiet",
-                             "--log-level", "warning", "--drain-timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    base = f"http://127.0.0.1:{port}"
+    proc, base = cli_server(yaml, "--drain-timeout", "60")
     try:
-        def ready():
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(base + "/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, timeout=90, interval=0.1, what="the CLI server to be ready")
         with httpx.Client(base_url=base, timeout=60) as c, \
                 c.stream("POST", "/v1/generate", json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
                                                         "stream": True}) as s:
