@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -22,6 +21,7 @@ from typing import Any, Callable
 
 from tokenmill.errors import ModelLoadError, PipelineError, RequestError
 from tokenmill.params import SamplingParams
+from tokenmill.serve.describe import describe
 from tokenmill.serve.items import Accepted, Delta, Final, Rejected, RequestHandle
 from tokenmill.serve.metrics import outcome_for_status
 from tokenmill.serve.prompt_limits import max_token_chars
@@ -130,7 +130,7 @@ class EngineWorker:
             self.state = "warming"
             if self.warmup:
                 self._warm_up()
-            self.info = self._describe()
+            self.info = describe(self.pipeline)
             self.state = "ready"
             log.info("pipeline '%s' ready", self.name)
         except Exception as exc:  # the server keeps running and reports the failure
@@ -164,21 +164,6 @@ class EngineWorker:
         out = pipe.collect(rid)
         if out.finish_reason == "error":
             raise RuntimeError(f"warm-up generation failed: {out.error}")
-
-    def _describe(self) -> dict:
-        pipe = self.pipeline
-        info = dict(pipe.info())
-        quant = [impl.plugin_name for impl in pipe.pm.hook.quantize_layer.get_hookimpls()]
-        info["quantization"] = {"plugins": quant, "quantized_layers": info.get("quantized_layers", 0)} \
-            if quant else None
-        opts = {}
-        for name, plugin in pipe.plugins.items():
-            o = getattr(plugin, "options", None)
-            opts[name] = dataclasses.asdict(o) if dataclasses.is_dataclass(o) else (None if o is None else repr(o))
-        info["plugins"] = opts
-        info["registered_plugins"] = sorted(n for n, _ in pipe.pm.list_name_plugin()
-                                            if not n.startswith("tokenmill-serve-"))
-        return json.loads(json.dumps(info, default=str))  # plain JSON values (paths, dtypes become strings)
 
     def _loop(self) -> None:
         while not self._stopping:
