@@ -231,6 +231,9 @@ class PipelineContext:
     kv_pool: KVPool | None = None
     progress: bool = False     # whether the build may print what it prepares (False under --quiet)
     eos_token_ids: frozenset[int] = frozenset()  # the tokens that end a request (unless it ignores EOS)
+    # ranks the model is split over (docs/distributed.md): above 1, ``model`` is rank 0's shard (its heads, MLP
+    # columns and vocabulary rows), so a plugin that reuses the target's modules must refuse or cope
+    tensor_parallel_size: int = 1
 
 
 @dataclass(slots=True)

@@ -93,14 +93,19 @@ class Pipeline:
             if group is not None:
                 group.close()
             raise
-        if self.runner.compiled or self.runner.attention.needs_warm_up:
-            self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
-        eos = self._eos_ids()
-        self.pm.hook.configure(context=PipelineContext(
-            model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
-            device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
-            kv_pool=pool, progress=progress, eos_token_ids=frozenset(eos)))
-        self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits, eos_token_ids=eos, seed=spec.seed)
+        try:
+            if self.runner.compiled or self.runner.attention.needs_warm_up:
+                self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
+            eos = self._eos_ids()
+            self.pm.hook.configure(context=PipelineContext(
+                model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
+                device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
+                kv_pool=pool, progress=progress, eos_token_ids=frozenset(eos), tensor_parallel_size=world))
+            self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits, eos_token_ids=eos,
+                                 seed=spec.seed)
+        except BaseException:
+            self.runner.close()  # a tensor-parallel runner's worker ranks stop with the failed build
+            raise
 
     # ------------------------------------------------------------------ construction
     @property

@@ -124,6 +124,10 @@ class Speculative(DrafterPlugin):
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
         opts = self.options
+        if opts.draft in SELF_DRAFTS and context.tensor_parallel_size > 1:
+            raise PipelineError(f"the self-draft '{opts.draft}' cannot run with tensor_parallel_size "
+                                f"{context.tensor_parallel_size}: it copies the target's layers, of which this rank "
+                                "holds a slice; use prompt_lookup or a separate draft model (draft: PATH)")
         if opts.draft in SELF_DRAFTS:
             qname = SELF_DRAFTS[opts.draft]
             model = quantized_copy(context.model, qname,

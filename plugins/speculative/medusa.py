@@ -165,6 +165,10 @@ class Medusa(DrafterPlugin):
 
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
+        if context.tensor_parallel_size > 1:
+            raise PipelineError(f"medusa cannot run with tensor_parallel_size {context.tensor_parallel_size}: its "
+                                "heads project through the target's LM head, of which this rank holds a slice; "
+                                "use prompt_lookup or a separate draft model")
         cfg = context.model.config
         path = self.options.heads
         self.heads, meta = MedusaHeads.load(path, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)

@@ -104,6 +104,9 @@ def test_bad_parallel_settings_are_refused(tiny_llama_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="tensor parallelism cannot split q_proj .*Int4"):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, threads=1, plugins=[{"int4": {}}],
                                               parallel={"tensor_parallel_size": 2}), progress=False)
+    with pytest.raises(PipelineError, match="the self-draft 'self_int8' cannot run with tensor_parallel_size 2"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, threads=1, plugins=[{"speculative": {
+            "draft": "self_int8"}}], parallel={"tensor_parallel_size": 2}), progress=False)
     assert children() == before  # the ranks started for the refused builds are gone
 
 
