@@ -15,6 +15,7 @@ from tokenmill.errors import RequestError
 from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
+from tokenmill.model.loader import weight_bytes
 from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
 
@@ -295,12 +296,10 @@ class Pipeline:
     def info(self) -> dict:
         cfg = self.loaded.config
         params = sum(p.numel() for p in self.loaded.model.parameters())
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
-        weight_bytes += sum(b.numel() * b.element_size() for b in self.loaded.model.buffers())
         return {
             "name": self.spec.name, "model": self.loaded.name, "architecture": cfg.model_type,
             "params": params, "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "device": str(self.loaded.device), "weight_bytes": weight_bytes,
+            "device": str(self.loaded.device), "weight_bytes": weight_bytes(self.loaded.model),
             "quantized_layers": len(self.quantized_layers),
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,

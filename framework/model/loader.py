@@ -29,6 +29,12 @@ class LoadedModel:
         return self.model.config
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters (a tied matrix counted once) and buffers, as they sit in memory."""
+    return (sum(p.numel() * p.element_size() for p in model.parameters())
+            + sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
 def pick_device(device: str) -> torch.device:
     """``auto`` -> the best accelerator present (CUDA, then MPS), else CPU."""
     if device == "auto":

@@ -65,17 +65,6 @@ class Shard:
         return torch.cat([p[:, :n] for p, n in zip(parts, self.vocab)], dim=1)
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (a tied matrix is one)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def _take(parent, attr: str, dim: int, index: torch.Tensor, keep_bias: bool = True) -> None:
     """Keep output features (``dim`` 0, column-parallel) or input features (``dim`` 1, row-parallel) ``index``
     of the projection ``parent.<attr>``: a plain ``nn.Linear`` is sliced, a quantized one must offer

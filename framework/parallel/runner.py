@@ -24,7 +24,7 @@ class ParallelRunner(ModelRunner):
 
     def weight_bytes(self) -> list[int]:
         """Bytes of each rank's weights, rank 0 first."""
-        from tokenmill.model.shard import weight_bytes
+        from tokenmill.model.loader import weight_bytes
 
         return [weight_bytes(self.model)] + [self.group.weight_bytes[r] for r in range(1, self.group.world)]
 

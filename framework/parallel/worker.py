@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=TIMEOUT_S))
         part = ModelPart(source, rank, world)
-        from tokenmill.model.shard import weight_bytes
+        from tokenmill.model.loader import weight_bytes
 
         conn.send(("ready", weight_bytes(part.loaded.model)))
         kind, geometry = pickle.loads(conn.recv_bytes())
