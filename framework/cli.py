@@ -43,6 +43,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY")
     try:
+        if args.replicas is not None:
+            from tokenmill.replicas.launch import run_replicas
+
+            config = {"api_key": api_key or None, "max_queued_requests": args.max_queued_requests,
+                      "request_timeout": args.request_timeout or None, "drain_timeout": args.drain_timeout,
+                      "max_body_bytes": args.max_body_bytes}
+            return run_replicas(args.pipelines, replicas=args.replicas, host=args.host, port=args.port,
+                                address=args.ray_address, replica_cpus=args.replica_cpus, config=config,
+                                log_level=args.log_level)
         return run_serve(args.pipelines, host=args.host, port=args.port, api_key=api_key or None,
                          max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
                          drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes,
@@ -199,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="larger request bodies are refused with 413 (default: 16 MiB)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    srv.add_argument("--replicas", type=int, default=None,
+                     help="serve N data-parallel replicas on Ray Serve (needs tokenmill[ray]); requests go to the "
+                          "replica holding their prefix, else the least loaded one")
+    srv.add_argument("--ray-address", default=None,
+                     help="with --replicas: join this Ray cluster (e.g. 'auto' after `ray start --head`; "
+                          "default: start a local one)")
+    srv.add_argument("--replica-cpus", type=float, default=None,
+                     help="with --replicas: CPUs Ray reserves per replica (default: the pipelines' `threads:`)")
     srv.set_defaults(func=_cmd_serve)
     val = sub.add_parser("validate", help="check pipeline files without loading the model")
     val.add_argument("pipelines", nargs="+")

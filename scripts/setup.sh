@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 # structured output's grammar library; --no-deps: xgrammar declares triton (~290 MB, GPU only); its other
 # deps are apache-tvm-ffi and what tokenmill with the serve extra brings (torch, transformers, numpy, pydantic)
 "$PY" -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
-"$PY" -m pip install -q -e ".[serve,dev]"
+"$PY" -m pip install -q -e ".[serve,dev,ray]"
 "$PY" -m pip install -q --no-deps -e examples/tokenmill-sjf
 "$PY" -m pip install -q --no-deps -e examples/tokenmill-norepeat
 "$PY" -c "from tokenmill.model import resolve_model; print('default model:', resolve_model('smollm2-135m-instruct')[0])"
