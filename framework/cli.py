@@ -39,23 +39,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from tokenmill.serve.cli import run_serve
+    from tokenmill.serve.cli import run_serve, serve_config
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY")
     try:
+        config = serve_config(api_key=api_key or None, max_queued_requests=args.max_queued_requests,
+                              request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
+                              max_body_bytes=args.max_body_bytes)
         if args.replicas is not None:
             from tokenmill.replicas.launch import run_replicas
 
-            config = {"api_key": api_key or None, "max_queued_requests": args.max_queued_requests,
-                      "request_timeout": args.request_timeout or None, "drain_timeout": args.drain_timeout,
-                      "max_body_bytes": args.max_body_bytes}
             return run_replicas(args.pipelines, replicas=args.replicas, host=args.host, port=args.port,
                                 address=args.ray_address, replica_cpus=args.replica_cpus, config=config,
                                 log_level=args.log_level)
-        return run_serve(args.pipelines, host=args.host, port=args.port, api_key=api_key or None,
-                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                         drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes,
-                         log_level=args.log_level, progress=not args.quiet)
+        return run_serve(args.pipelines, host=args.host, port=args.port, config=config, log_level=args.log_level,
+                         progress=not args.quiet)
     except OSError as exc:  # the address is taken or not ours
         print(f"error: {exc}", file=sys.stderr)
         return 2

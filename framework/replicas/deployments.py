@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from tokenmill.replicas.forward import ForwardedRequest, ResponseStart, run_asgi
 from tokenmill.replicas.prefix import prefix_keys
+from tokenmill.serve.service import APIError, ServeConfig
 
 log = logging.getLogger("tokenmill.replicas")
 REPLICA_HEADER = b"x-tokenmill-replica"
@@ -33,22 +34,20 @@ HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection"}
 
 
 def _error_body(message: str, status: int = 503, code: str = "replica_failed") -> bytes:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return json.dumps(APIError(status, message, code=code).body()).encode()
 
 
 class EngineReplica:
     """One replica: builds the pipelines from their YAML files and serves forwarded requests."""
 
-    async def __init__(self, paths: list[str], config: dict) -> None:
+    async def __init__(self, paths: list[str], config: ServeConfig) -> None:
         from tokenmill.pipeline import Pipeline
         from tokenmill.serve.app import create_app
-        from tokenmill.serve.service import ServeConfig
         from tokenmill.spec import load_spec
 
         specs = [load_spec(p) for p in paths]
         self.app = create_app([(s.name, lambda s=s: Pipeline(s, progress=False)) for s in specs],
-                              ServeConfig(**config))
+                              config)
         self.service = self.app.state.service
         self._life = contextlib.AsyncExitStack()
         await self._life.enter_async_context(self.app.router.lifespan_context(self.app))
@@ -107,7 +106,7 @@ class Ingress:
         client = request.client
         req = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
                                list(request.headers.raw), body, (client.host, client.port) if client else None,
-                               prefix_keys(body) if request.method == "POST" else prefix_keys(b""))
+                               prefix_keys(body if request.method == "POST" else b""))
         stream = self.engine.options(stream=True).forward.remote(req)
         try:
             start = await stream.__anext__()
@@ -134,10 +133,10 @@ class Ingress:
             stream.cancel()  # the client left (or we are done): the replica sees a disconnect and aborts
 
 
-def build_app(paths: list[str], *, replicas: int, replica_cpus: float, config: dict,
+def build_app(paths: list[str], *, replicas: int, replica_cpus: float, config: ServeConfig,
               max_ongoing_requests: int = 1024) -> Any:
     """The Ray Serve application: one ingress over ``replicas`` engine replicas of the pipelines in ``paths``."""
-    drain = float(config.get("drain_timeout") or 30.0)
+    drain = config.drain_timeout
     engine = serve.deployment(
         EngineReplica, name="engine", num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus},
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=2.0, health_check_timeout_s=30.0,
@@ -146,4 +145,4 @@ def build_app(paths: list[str], *, replicas: int, replica_cpus: float, config: d
     ).bind(paths, config)
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max_ongoing_requests * max(1, replicas))
-    return ingress.bind(engine, int(config.get("max_body_bytes") or 16 * 2**20))
+    return ingress.bind(engine, config.max_body_bytes)

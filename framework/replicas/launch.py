@@ -6,24 +6,23 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 
 def run_replicas(paths: list[str], *, replicas: int, host: str, port: int, address: str | None,
-                 replica_cpus: float | None, config: dict, log_level: str = "info") -> int:
+                 replica_cpus: float | None, config: Any, log_level: str = "info") -> int:
     try:
         import ray
         from ray import serve
     except ImportError:
         raise SystemExit("error: --replicas needs Ray Serve: pip install 'tokenmill[ray]'") from None
     from tokenmill.replicas.deployments import build_app
-    from tokenmill.spec import load_spec
+    from tokenmill.serve.cli import load_specs
 
     if replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {replicas}")
-    specs = [load_spec(p) for p in paths]  # every file is checked before Ray starts
+    specs = load_specs(paths)  # every file is checked before Ray starts
     names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"pipeline names must be unique (requests pick a pipeline by name), got {names}")
     cpus = replica_cpus if replica_cpus is not None else float(max((s.threads or 1) for s in specs))
     ray.init(address=address, include_dashboard=False, logging_level=log_level.upper(), log_to_driver=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("TOKENMILL_")}})
