@@ -23,7 +23,9 @@ swapped, ``adaptive: false`` (the adaptive switch is for batches):
   occurred earlier, their continuation (up to ``--pl-k`` tokens) is proposed instead of drafting;
 * ``prompt_lookup``: n-gram lookup in the prompt and output (``--pl-k`` drafts, default 16, ngram 3..1; a
   match shorter than 3 proposes at most ``--pl-short``, default 3, as in ``pipelines/prompt-lookup.yaml``);
-* ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist);
+* ``medusa``: the heads in ``pipelines/medusa/<model>`` (skipped, with a note, while they do not exist), a chain
+  of each head's top token; ``medusa_tree``: the tree of ``pipelines/medusa.yaml``; ``medusa_auto:N``: the best tree
+  of N candidates from the heads' measured accuracy (``tree_size: N``);
 * ``draft_model``: ``speculative`` with a *locally built* draft: a layer-truncated copy of the default model (its
   first ``--draft-layers`` decoder layers, same embeddings / final norm / LM head, untrained), written once to
   ``results/draft-trunc<N>/``.
@@ -67,7 +69,7 @@ DRAFTERS = ("speculative", "prompt_lookup", "medusa")
 WARMUP_PROMPT = "Name three board games that are fun for a family of four, and say why in one line each."
 
 BATCH1_ROWS = ("plain", "self_int8", "self_int4", "prompt_lookup", "medusa", "medusa_tree", "draft_model")
-EXTRA_ROWS = ("self_nf4", "self_int8_lookup", "self_int4_lookup")
+EXTRA_ROWS = ("self_nf4", "self_int8_lookup", "self_int4_lookup", "medusa_auto")
 CONCURRENT_ROWS = ("plain", "prompt_lookup_adaptive", "prompt_lookup", "self_int4_adaptive", "self_int4")
 
 
@@ -96,12 +98,13 @@ def concurrent_requests(sets: dict[str, list[dict]], n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def medusa_tree() -> list[list[int]]:
+def medusa_tree() -> dict:
+    """The candidate tree options of pipelines/medusa.yaml: ``{"tree": paths}`` or ``{"tree_size": N}``."""
     import yaml
 
     data = yaml.safe_load((ROOT / "pipelines" / "medusa.yaml").read_text())
     opts = next(p["medusa"] for p in data["plugins"] if isinstance(p, dict) and "medusa" in p)
-    return opts["tree"]
+    return {k: opts[k] for k in ("tree", "tree_size") if k in opts}
 
 
 def parse_row(row: str) -> tuple[str, int | None]:
@@ -150,8 +153,15 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
         return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact")}, \
             f"medusa (exact), k={k}{ad}"
     if kind == "medusa_tree":  # the candidate tree of pipelines/medusa.yaml
-        return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact", tree=medusa_tree())}, \
-            f"medusa (exact), tree of {len(medusa_tree())} candidates from pipelines/medusa.yaml{ad}"
+        tree = medusa_tree()
+        size = tree.get("tree_size") or len(tree.get("tree") or [])
+        return base, {"medusa": dict(common, heads=cfg["medusa_heads"], acceptance="exact", **tree)}, \
+            f"medusa (exact), tree of {size} candidates as in pipelines/medusa.yaml{ad}"
+    if kind == "medusa_auto":  # medusa_auto:N: the best tree of N candidates from the heads' measured accuracy
+        n = k_override or 4
+        return base, {"medusa": dict(common, num_speculative_tokens=4, heads=cfg["medusa_heads"], acceptance="exact",
+                                     tree_size=n)}, \
+            f"medusa (exact), best tree of {n} from the heads' held-out accuracy{ad}"
     if kind == "draft_model":
         n, total = cfg["draft_layers"], cfg.get("target_layers", "?")
         return base, {"speculative": dict(common, draft=cfg["draft_dir"], compile_draft=cfg["compile_draft"])}, \

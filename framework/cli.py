@@ -1,4 +1,4 @@
-"""The ``tokenmill`` command: run, serve, validate, plugins."""
+"""The ``tokenmill`` command: run, serve, validate, plugins, ... and the commands packages add (``tokenmill.commands``)."""
 from __future__ import annotations
 
 import argparse
@@ -94,25 +94,6 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_medusa(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tokenmill import Pipeline
-    from tokenmill.host import discover_plugins
-
-    catalog = discover_plugins()
-    if "medusa" not in catalog:
-        print("error: the medusa plugin is not available", file=sys.stderr)
-        return 2
-    medusa = catalog["medusa"].load()  # training lives with the plugin, found through the registry
-    pipe = Pipeline.from_yaml(args.pipeline, progress=not args.quiet)
-    meta = medusa.train(pipe, Path(args.out), num_heads=args.num_heads, num_layers=args.num_layers,
-                        epochs=args.epochs, max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed,
-                        limit=args.limit, progress=not args.quiet)
-    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
-    return 0
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from tokenmill import Pipeline
     from tokenmill.plugins.quant.checkpoint import save_quantized
@@ -174,6 +155,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 2
 
 
+COMMANDS_GROUP = "tokenmill.commands"
+
+
+def _add_package_commands(sub) -> None:
+    """Subcommands packages ship through the ``tokenmill.commands`` entry-point group: each entry point is a
+    ``register(subparsers)`` callable adding its parsers (``set_defaults(func=...)``, returning an exit code).
+    One that fails to load or register is reported and skipped; it cannot replace a built-in command."""
+    import importlib.metadata as md
+    import warnings
+
+    for ep in md.entry_points(group=COMMANDS_GROUP):
+        if ep.name in sub.choices:
+            warnings.warn(f"{COMMANDS_GROUP} entry point {ep.name!r} ({ep.value}) is skipped: `tokenmill "
+                          f"{ep.name}` is already a command", RuntimeWarning, stacklevel=2)
+            continue
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a broken package never takes the whole CLI down
+            warnings.warn(f"{COMMANDS_GROUP} entry point {ep.name!r} ({ep.value}) failed: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,18 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check pipeline files without loading the model")
     val.add_argument("pipelines", nargs="+")
     val.set_defaults(func=_cmd_validate)
-    med = sub.add_parser("train-medusa", help="train Medusa heads on the model's own continuations")
-    med.add_argument("pipeline")
-    med.add_argument("--out", required=True)
-    med.add_argument("--num-heads", type=int, default=4)
-    med.add_argument("--num-layers", type=int, default=1)
-    med.add_argument("--epochs", type=int, default=2)
-    med.add_argument("--max-new-tokens", type=int, default=128)
-    med.add_argument("--lr", type=float, default=1e-3)
-    med.add_argument("--seed", type=int, default=0)
-    med.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    med.add_argument("--quiet", action="store_true")
-    med.set_defaults(func=_cmd_train_medusa)
     quant = sub.add_parser("quantize", help="quantize a pipeline's model once and save it (load with `load: DIR`)")
     quant.add_argument("pipeline", help="a pipeline with one quantization plugin (int8, int4 or nf4)")
     quant.add_argument("--out", required=True, help="directory for manifest.json, quantized.safetensors and a "
@@ -254,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     bench.set_defaults(func=_cmd_bench)
+    _add_package_commands(sub)
     plug = sub.add_parser("plugins", help="list discovered plugins and the hooks they implement (wrappers marked)")
     plug.set_defaults(func=_cmd_plugins)
     return parser

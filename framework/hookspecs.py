@@ -218,7 +218,7 @@ def propose_tokens(seqs):
 
     :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
         sequences whose final prefill chunk runs now. After the step all their tokens have KV.
-    :return: a list parallel to ``seqs``, each a :class:`tokenmill.hooktypes.Draft` (tokens and, for a
+    :return: a list parallel to ``seqs``, each a :class:`tokenmill.speculation.Draft` (tokens and, for a
         sampling drafter, the distributions they were drawn from; or a tree of deterministic drafts through
         ``Draft.parents``, verified in one forward under a tree attention mask) or a plain token-id list
         (deterministic drafts; empty for none), or None for no speculation this step. The engine reserves

@@ -126,57 +126,14 @@ class KVAllocation:
 
 
 @dataclass(slots=True)
-class Draft:
-    """Draft tokens proposed for one sequence.
-
-    A drafter that samples draws the token for position ``t`` with ``tokenmill.sampling.draw(q, seq.seed,
-    t)``: the same noise the target's draw at ``t`` uses, so verification accepts it exactly when it is the
-    target's own token there (a draft drawn any other way is still verified exactly, just accepted less).
-
-    ``parents`` makes the drafts a *tree* verified in one forward (a tree attention mask): ``parents[i]`` is
-    the index of token ``i``'s parent among ``tokens`` (earlier in the list), or ``-1`` for a child of the
-    last accepted token; siblings must carry distinct tokens. None means a chain (``parents[i] == i - 1``).
-    """
-
-    tokens: list[int]
-    parents: list[int] | None = field(default=None, kw_only=True)
-
-    def cut(self, room: int) -> "Draft":
-        """At most ``room`` tokens deep: a chain keeps its first ``room`` tokens, a tree its nodes of depth <=
-        ``room`` (renumbered). Raises ValueError for a malformed tree (bad parents, repeated siblings)."""
-        if self.parents is None:
-            return Draft(self.tokens[:room])
-        parents = self.parents
-        if len(parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(parents)):
-            raise ValueError(f"draft tree parents {parents} must give each of the {len(self.tokens)} tokens an "
-                             "earlier parent index or -1")
-        if len(set(zip(parents, self.tokens))) != len(parents):
-            raise ValueError("sibling draft-tree nodes repeat a token")
-        keep, index = [], {-1: -1}
-        for i, depth in enumerate(self.depths()):
-            if depth <= room:
-                index[i] = len(keep)
-                keep.append(i)
-        return Draft([self.tokens[i] for i in keep], parents=[index[parents[i]] for i in keep])
-
-    def depths(self) -> list[int]:
-        """1-based depth of each draft token (its offset from the last accepted token)."""
-        if self.parents is None:
-            return list(range(1, len(self.tokens) + 1))
-        out: list[int] = []
-        for p in self.parents:
-            out.append(1 if p < 0 else out[p] + 1)
-        return out
-
-
-@dataclass(slots=True)
 class VerifyInput:
     """Logits for the positions that produce tokens this step, and the drafts they check.
 
     For sequence ``seqs[i]``, rows ``row_start[i] : row_start[i] + 1 + len(drafts[i])`` of ``logits`` are the
     target's distributions after the last accepted token and after each draft token in turn.
-    ``parents[i]`` is not None for a draft tree (see :class:`Draft`): row ``row_start[i] + 1 + j`` is then the
-    distribution after draft ``j`` and its ancestors, and the answer is the accepted path's tokens plus one.
+    ``parents[i]`` is not None for a draft tree (see :class:`tokenmill.speculation.Draft`): row
+    ``row_start[i] + 1 + j`` is then the distribution after draft ``j`` and its ancestors, and the answer is
+    the accepted path's tokens plus one.
     """
 
     seqs: list[Sequence]

@@ -5,9 +5,10 @@ Every random draw is a pure function of the request's seed and the position of t
 exponential noise generated from ``(seed, t)`` alone (the Gumbel-max trick in its exponential-race form,
 an exact sample from ``p``). So a seeded request gets the same tokens whatever it is batched with, whatever
 is aborted beside it, and whether or not it speculates: a drafter that samples draws its token for position
-``t`` with the same noise, and verification (:func:`verify_drafts`, :func:`verify_tree`) accepts a draft
+``t`` with the same noise, and verification (``tokenmill.speculation.accept``) accepts a draft
 exactly when it is the token the target draws there (the coupling of draft and target through shared
-noise). The emitted tokens are the ones plain sampling gives with that seed.
+noise). The emitted tokens are the ones plain sampling gives with that seed. Verification itself lives in
+:mod:`tokenmill.speculation.accept`.
 """
 from __future__ import annotations
 
@@ -80,58 +81,3 @@ def sample_next(logits: torch.Tensor, params_list: list[SamplingParams], seeds: 
         if not params.greedy:
             out[row] = draw(filtered_probs(logits[row], params), seeds[row], positions[row])
     return out
-
-
-def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams, seed: int,
-                  position: int) -> list[int]:
-    """Accept a prefix of ``drafts`` and append one token from the target, keeping the target's law exactly.
-
-    :param logits: ``[len(drafts) + 1, vocab]`` target logits, row ``i`` predicting the token after draft
-        ``i - 1`` (row 0 after the last accepted token), i.e. the token at ``position + i``.
-    :return: at each row the target's own token (its argmax, or its :func:`draw` at that position); the
-        walk goes on while that token equals the draft. Every emitted token is the one plain decoding emits.
-    """
-    return verify_tree(logits, drafts, list(range(-1, len(drafts) - 1)), params, seed, position)
-
-
-def tree_children(parents: list[int]) -> dict[int, list[int]]:
-    """``parents[i]`` (``-1``: the root, i.e. the last accepted token) -> children lists, in draft order."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents):
-        children.setdefault(p, []).append(i)
-    return children
-
-
-def tree_path(drafts: list[int], parents: list[int], accepted: list[int]) -> list[int]:
-    """The draft indices along the tree path that ``accepted`` (accepted drafts + one target token) took."""
-    children = tree_children(parents)
-    node, path = -1, []
-    for tok in accepted[:-1]:
-        node = next(c for c in children.get(node, []) if drafts[c] == tok)
-        path.append(node)
-    return path
-
-
-def verify_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], params: SamplingParams,
-                seed: int, position: int) -> list[int]:
-    """Accept a path of a draft *tree* (deterministic drafts) and append one target token, exactly.
-
-    :param logits: ``[len(drafts) + 1, vocab]``: row 0 after the last accepted token, row ``i + 1`` after
-        draft ``i`` (which followed its ancestors).
-    :param parents: parent index of each draft (``-1`` = the root); siblings carry distinct tokens.
-    :param position: where the first emitted token goes (a node at depth ``d`` predicts ``position + d``).
-    :return: the tokens along the accepted path, then one token from the target. At each node the target's
-        token is chosen (argmax, or a draw from the filtered distribution) and the walk goes on into the
-        child holding that token, if any: every emitted token is the target's own choice, so the law is the
-        target's exactly.
-    """
-    children = tree_children(parents)
-    node, out = -1, []
-    while True:
-        row = logits[node + 1]
-        tok = int(row.argmax()) if params.greedy else draw(filtered_probs(row, params), seed, position + len(out))
-        out.append(tok)
-        nxt = next((c for c in children.get(node, []) if drafts[c] == tok), None)
-        if nxt is None:
-            return out
-        node = nxt

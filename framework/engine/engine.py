@@ -17,11 +17,11 @@ from tokenmill.engine.outputs import RequestOutput, StreamChunk, TokenLogprob
 from tokenmill.engine.stats import EngineStats
 from tokenmill.errors import RequestError
 from tokenmill.model import ModelRunner
-from tokenmill.hooktypes import (Draft, ScheduledSeq, ScheduleInput, SchedulerLimits, SchedulerOutput, StepStats,
+from tokenmill.hooktypes import (ScheduledSeq, ScheduleInput, SchedulerLimits, SchedulerOutput, StepStats,
                                  VerifyInput)
 from tokenmill.host import HookFailure, answered_by, blame, call_each
 from tokenmill.params import SamplingParams
-from tokenmill.sampling import tree_path
+from tokenmill.speculation import Draft, compaction, tree_path
 from tokenmill.sequence import Sequence, SeqStatus
 
 
@@ -255,9 +255,9 @@ class Engine:
             try:
                 path = tree_path(verify.drafts[i], parents, accepted[i])
                 start = seq.num_computed_tokens + seq.num_uncomputed_tokens  # the first draft's slot
-                moved = [(start + j, start + k) for k, j in enumerate(path) if j != k]
-                if moved:
-                    self.runner.move_kv(seq.block_table, [a for a, _ in moved], [b for _, b in moved])
+                src, dst = compaction(path, start)
+                if src:
+                    self.runner.move_kv(seq.block_table, src, dst)
                 paths[i] = path
             except Exception as exc:  # a verifier answering off the tree fails its request alone
                 self._finish(seq, "error", error=f"verify_tokens left the draft tree: {type(exc).__name__}: {exc}",

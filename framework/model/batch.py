@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.speculation.tree import tree_mask
+
 
 @dataclass(slots=True)
 class ForwardBatch:
@@ -35,17 +37,6 @@ class ForwardBatch:
         return len(self.counts)
 
 
-def tree_mask(parents: list[int]) -> torch.Tensor:
-    """``[n+1, n+1]`` bool: token ``a`` (0 = the root, ``i + 1`` = draft ``i``) may attend to token ``b``, its
-    ancestor or itself (so row ``i + 1`` holds ``depth(i) + 1`` trues)."""
-    n = len(parents)
-    m = torch.eye(n + 1, dtype=torch.bool)
-    m[:, 0] = True
-    for i, p in enumerate(parents):
-        m[i + 1] |= m[p + 1]
-    return m
-
-
 def next_bucket(n: int, buckets: list[int]) -> int:
     return next((b for b in buckets if b >= n), n)
 
@@ -66,7 +57,7 @@ def build_batch(items: list[tuple[list[int], int, list[int], int]], block_size: 
     :param max_padded_tokens: items of up to this many tokens each, all the same count, take the bucketed
         layout (a draft model catching up on two tokens stays on its compiled path).
     :param trees: ``{item index: parents}`` for items whose last tokens are a draft tree (see
-        :class:`tokenmill.hooktypes.Draft`) after its root, the last accepted token: each draft sits at
+        :class:`tokenmill.speculation.Draft`) after its root, the last accepted token: each draft sits at
         position ``root + depth`` while its K/V goes to the next slot in order, and sees only its ancestors.
     """
     width = len(items[0][0])

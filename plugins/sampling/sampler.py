@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from tokenmill.hooktypes import VerifyInput
 from tokenmill.plugin import Plugin, hookimpl
-from tokenmill.sampling import sample_next, verify_drafts, verify_tree
+from tokenmill.sampling import sample_next
+from tokenmill.speculation import verify_drafts, verify_tree
 
 
 class Sampler(Plugin):

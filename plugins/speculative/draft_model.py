@@ -30,7 +30,8 @@ from typing import Literal
 import torch
 
 from tokenmill.errors import PipelineError
-from tokenmill.hooktypes import Draft, PipelineContext
+from tokenmill.hooktypes import PipelineContext
+from tokenmill.speculation import Draft
 from tokenmill.options import ModelRef
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.hooktypes import Draft, KVPool
+from tokenmill.hooktypes import KVPool
+from tokenmill.speculation import Draft
 from tokenmill.model import ModelRunner
 from tokenmill.sampling import draw, filtered_probs
 from tokenmill.sequence import Sequence

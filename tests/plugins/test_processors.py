@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 from tests.conftest import tiny_pipeline_dict
 from tokenmill import Pipeline, Plugin, RequestError, SamplingParams, hookimpl
 from tokenmill.host import PluginEntry, discover_plugins
-from tokenmill.hooktypes import Draft
+from tokenmill.speculation import Draft
 
 PROMPTS = ["Paris is", "<html>", "The weather today"]  # the tiny model revisits its context within N tokens
 N = 12

@@ -8,7 +8,7 @@ from tests.conftest import make_tiny_model, tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
 from tokenmill.plugins.speculative.adaptive import AdaptiveSwitch
 from tokenmill.plugins.speculative.prompt_lookup import lookup
-from tokenmill import sampling
+from tokenmill import sampling, speculation
 from tokenmill.plugin import hookimpl
 
 PROMPTS = ["one two three one two three one two", "abc abc abc abc", "x", "The cat sat on the mat. The cat"]
@@ -106,7 +106,7 @@ def emitted_pairs(n: int, params: SamplingParams, seed: int = 0):
         x1 = sampling.draw(q1, req, 0)
         x2 = sampling.draw(sampling.filtered_probs(d2[x1], params), req, 1)
         logits = torch.stack([t1, t2[x1], torch.zeros(V)])
-        out = sampling.verify_drafts(logits, [x1, x2], params, req, 0)
+        out = speculation.verify_drafts(logits, [x1, x2], params, req, 0)
         accepted += len(out) - 1
         if len(out) == 1:
             out.append(sampling.draw(sampling.filtered_probs(t2[out[0]], params), req, 1))
@@ -152,7 +152,7 @@ def test_speculative_sampling_keeps_the_target_law(params):
 
 def test_law_test_catches_a_verifier_that_trusts_the_drafts(monkeypatch):
     # accepting every draft emits the draft's law, not the target's: the chi-square test must see it
-    monkeypatch.setattr(sampling, "verify_tree", lambda logits, drafts, *a: list(drafts) + [0])
+    monkeypatch.setattr(speculation.accept, "verify_tree", lambda logits, drafts, *a: list(drafts) + [0])
     stats = law_statistics(SamplingParams(temperature=1.0))
     assert any(stat > 3 * CRIT[classes] for stat, classes in stats), stats
 
@@ -238,7 +238,7 @@ class TreeOracle:
 
     @hookimpl
     def propose_tokens(self, seqs):
-        from tokenmill.hooktypes import Draft
+        from tokenmill.speculation import Draft
 
         out = []
         for seq in seqs:
@@ -277,13 +277,13 @@ def test_tree_verification_follows_the_targets_choice():
     for row, best in enumerate([2, 0, 6, 0, 7]):  # root, then after drafts 0..3
         logits[row, best] = 5.0
     drafts, parents = [5, 2, 3, 6], [-1, -1, 1, 1]   # root -> {5, 2}; 2 -> {3, 6}
-    assert sampling.verify_tree(logits, drafts, parents, SamplingParams(), 0, 0) == [2, 6, 7]
-    assert sampling.tree_path(drafts, parents, [2, 6, 7]) == [1, 3]
-    assert sampling.verify_tree(logits, [4], [-1], SamplingParams(), 0, 0) == [2]
+    assert speculation.verify_tree(logits, drafts, parents, SamplingParams(), 0, 0) == [2, 6, 7]
+    assert speculation.tree_path(drafts, parents, [2, 6, 7]) == [1, 3]
+    assert speculation.verify_tree(logits, [4], [-1], SamplingParams(), 0, 0) == [2]
 
 
 def test_malformed_draft_tree_costs_speed_not_the_request(tiny_llama_dir, reference):
-    from tokenmill.hooktypes import Draft
+    from tokenmill.speculation import Draft
 
     class BadTree:
         @hookimpl
