@@ -95,6 +95,8 @@ class Pipeline:
                 group.close()
             raise
         try:
+            if group is None:  # tensor-parallel ranks keep the default small-row GEMM path
+                self.runner.tune_cpu_gemm()
             if self.runner.compiled or self.runner.attention.needs_warm_up:
                 self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
             eos = self._eos_ids()
@@ -304,6 +306,7 @@ class Pipeline:
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
             "compiled": self.runner.compiled, "attention": self.runner.attention.name,
+            "cpu_gemm": self.runner.cpu_gemm,
             "plugins": {p.name: repr(getattr(self._plugins[p.name], "options", None)) for p in self.spec.plugins},
             "tensor_parallel": {"size": self.spec.parallel.tensor_parallel_size,
                                 "weight_bytes_per_rank": self.runner.weight_bytes()}

@@ -7,6 +7,7 @@ hidden states of the same rows. The engine and the drafters use only the public 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from tokenmill.model.archs import Layer, build_arch
 from tokenmill.model.archs.base import attention_shape
 from tokenmill.model.attention import AttentionLayout, backend_class
 from tokenmill.model.batch import ForwardBatch, build_batch
+from tokenmill.model.kernels.cpu_gemm import SKINNY_MAX_ROWS
 from tokenmill.model.shard import Shard
 
 
@@ -60,6 +62,7 @@ class ModelRunner:
         # Compiled path: all-decode steps, padded to batch-size buckets, so a handful of graphs serve every
         # step (CUDA graphs under reduce-overhead). Prefill and mixed steps vary in shape and stay eager.
         self._compiled = None
+        self.cpu_gemm: str | None = None  # the small-row GEMM path tune_cpu_gemm chose, if it ran
         self.decode_buckets: list[int] | None = None
         if compiled:
             self._compiled = torch.compile(self._forward_impl, mode=compile_spec.mode,
@@ -116,6 +119,31 @@ class ModelRunner:
                     continue
                 for width in widths:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
+
+    def tune_cpu_gemm(self, steps: int = 5) -> str | None:
+        """CPU fp32 only: time whole one-token decode steps with small row counts through ``W @ x^T`` and through
+        oneDNN, alternating, and keep the faster median for this machine (which wins differs between CPUs; see
+        :mod:`tokenmill.model.kernels.cpu_gemm`). Returns ``"skinny"`` or ``"onednn"``, or None where there is
+        nothing to choose. Run it before :meth:`warm_up` (a compiled graph bakes the choice in); like it, it
+        writes only a slot of the fresh pool that its owner overwrites before reading."""
+        cpu = self.arch.linear.cpu
+        if cpu is None or cpu.onednn is None:
+            return None
+        item = [([0], 0, [0], 1)]
+        times: dict[int, list[float]] = {SKINNY_MAX_ROWS: [], 0: []}
+        for limit in times:  # one untimed step each
+            cpu.skinny_max_rows = limit
+            self.run(item)
+        for _ in range(steps):
+            for limit, ts in times.items():
+                cpu.skinny_max_rows = limit
+                t0 = time.perf_counter()
+                self.run(item)
+                ts.append(time.perf_counter() - t0)
+        median = {limit: sorted(ts)[len(ts) // 2] for limit, ts in times.items()}
+        cpu.skinny_max_rows = 0 if median[0] < median[SKINNY_MAX_ROWS] else SKINNY_MAX_ROWS
+        self.cpu_gemm = "onednn" if cpu.skinny_max_rows == 0 else "skinny"
+        return self.cpu_gemm
 
     @torch.inference_mode()
     def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:

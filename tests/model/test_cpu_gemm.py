@@ -38,3 +38,31 @@ def test_onednn_found_when_this_build_has_it():
     expected = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
     assert lin.backend == expected
     assert CpuLinear(onednn=False).backend == "mkl"
+
+
+@pytest.mark.parametrize("slow", ["skinny", "onednn"])
+def test_the_runner_keeps_the_faster_small_row_path(tiny_llama_dir, monkeypatch, slow):
+    """tune_cpu_gemm times whole decode steps on both small-row paths and keeps the faster; greedy output is the
+    same either way. The clock is faked: each step through the slow path reads 3 ticks instead of 1."""
+    from tests.conftest import tiny_pipeline_dict
+    from tokenmill import Pipeline, SamplingParams
+    from tokenmill.model import runner as runner_mod
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build: nothing to choose")
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    runner, cpu = pipe.runner, pipe.runner.arch.linear.cpu
+    ref = pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    clock = [0.0]
+
+    def fake_clock():
+        skinny = cpu.skinny_max_rows > 0
+        clock[0] += 3.0 if skinny == (slow == "skinny") else 1.0
+        return clock[0]
+
+    monkeypatch.setattr(runner_mod.time, "perf_counter", fake_clock)
+    assert runner.tune_cpu_gemm() == ("onednn" if slow == "skinny" else "skinny")
+    assert cpu.skinny_max_rows == (0 if slow == "skinny" else SKINNY_MAX_ROWS)
+    monkeypatch.undo()
+    assert pipe.info()["cpu_gemm"] == runner.cpu_gemm
+    assert pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids == ref

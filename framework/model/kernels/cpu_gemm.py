@@ -16,6 +16,11 @@ rows          ``F.linear`` (MKL)  ``W @ x^T`` (MKL, row-major)  oneDNN ``_linear
 So up to :data:`SKINNY_MAX_ROWS` rows we compute ``W @ x^T`` (a tall-skinny GEMM that streams the weight
 once; 1 and 3 rows are padded by one, which MKL runs faster: 3 rows cost 18.0 ms, 4 rows 14.5), above that
 oneDNN's fp32 matmul (AVX-512 on any vendor's CPU) when this build has it, else ``F.linear``. All three agree with ``F.linear`` to float32 rounding (tests/model/test_cpu_gemm.py).
+
+The best small-row path differs between CPUs: on an Intel Xeon (2 threads) a whole one-token decode step took
+68.3 ms through ``W @ x^T`` and 41.8 ms through oneDNN. So ``skinny_max_rows`` is per instance, and the model
+runner measures both on whole decode steps at build (:meth:`tokenmill.model.runner.ModelRunner.tune_cpu_gemm`)
+and keeps the faster one.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class CpuLinear:
 
     def __init__(self, *, onednn: bool = True) -> None:
         self.onednn = _onednn_op() if onednn else None
+        self.skinny_max_rows = SKINNY_MAX_ROWS  # 0: oneDNN (or F.linear) at every row count
 
     @property
     def backend(self) -> str:
@@ -57,7 +63,7 @@ class CpuLinear:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = x.shape[0]
-        if 0 < m <= SKINNY_MAX_ROWS:
+        if 0 < m <= self.skinny_max_rows:
             xs = torch.cat([x, x[:1]]) if m in PAD_ROWS else x
             out = torch.mm(weight, xs.t()).t()[:m].contiguous()
             return out if bias is None else out + bias
