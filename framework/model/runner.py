@@ -124,10 +124,11 @@ class ModelRunner:
         """CPU fp32 only: time whole one-token decode steps with small row counts through ``W @ x^T`` and through
         oneDNN, alternating, and keep the faster median for this machine (which wins differs between CPUs; see
         :mod:`tokenmill.model.kernels.cpu_gemm`). Returns ``"skinny"`` or ``"onednn"``, or None where there is
-        nothing to choose. Run it before :meth:`warm_up` (a compiled graph bakes the choice in); like it, it
-        writes only a slot of the fresh pool that its owner overwrites before reading."""
+        nothing to choose, or where the decode steps are compiled (inductor cannot lower oneDNN's linear at one
+        row, so a compiled runner keeps the default). Like :meth:`warm_up` it writes only a slot of the fresh
+        pool that its owner overwrites before reading."""
         cpu = self.arch.linear.cpu
-        if cpu is None or cpu.onednn is None:
+        if cpu is None or cpu.onednn is None or self.compiled:
             return None
         item = [([0], 0, [0], 1)]
         times: dict[int, list[float]] = {SKINNY_MAX_ROWS: [], 0: []}
