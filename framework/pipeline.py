@@ -95,8 +95,7 @@ class Pipeline:
                 group.close()
             raise
         try:
-            if group is None:  # tensor-parallel ranks keep the default small-row GEMM path
-                self.runner.tune_cpu_gemm()
+            self.runner.tune_cpu_gemm()
             if self.runner.compiled or self.runner.attention.needs_warm_up:
                 self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
             eos = self._eos_ids()

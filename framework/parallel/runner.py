@@ -40,6 +40,11 @@ class ParallelRunner(ModelRunner):
         except Exception as exc:  # a collective failed: a rank is gone or broken
             raise self.group.error(exc) from None
 
+    def tune_cpu_gemm(self, steps: int = 5) -> None:
+        """Tensor-parallel ranks keep the default small-row GEMM path: a timed step here would also time the
+        workers, whose own choice this rank cannot set."""
+        return None
+
     def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:
         self.group.send(("move_kv", (block_table, src, dst)))
         super().move_kv(block_table, src, dst)

@@ -5,10 +5,11 @@ head starts as the base model's own next-token prediction) followed by the base 
 frozen; restricted to the heads' draft vocabulary when they were trained with one). Reading the hidden state
 at the last accepted token ``p`` (whose logits gave token ``p+1``) and, for heads trained with
 ``token_input``, the embedding of token ``p+1`` (the decode token, known when drafting), head ``k`` predicts
-token ``p+2+k``. Training: :mod:`tokenmill.plugins.speculative.medusa_train` (``tokenmill train-medusa``). Drafts form a candidate tree (``tree``: paths of top-k ranks, e.g.
-``[0, 1]`` = head 0's best token followed by head 1's second best) verified by the target in one forward
-under a tree attention mask, together with the regular decode token; without ``tree`` a chain of each head's
-top-1 token.
+token ``p+2+k``. Training: :mod:`tokenmill.plugins.speculative.medusa_train` (``tokenmill train-medusa``).
+Drafts form a candidate tree (``tree``: paths of top-k ranks, e.g. ``[0, 1]`` = head 0's best token followed
+by head 1's second best; or ``tree_size``: the best paths by the heads' measured accuracy) verified by the
+target in one forward under a tree attention mask, together with the regular decode token; without either a
+chain of each head's top-1 token.
 
 Acceptance: ``exact`` leaves verification to the default sampler (greedy prefix match, or exact
 speculative sampling with the heads' drafts treated as deterministic); ``typical`` accepts a draft ``x``

@@ -152,16 +152,16 @@ def final_hidden(model, sequences: list[list[int]], device) -> list[torch.Tensor
 
 def train(pipeline, out: Path, *, num_heads: int = 4, num_layers: int = 2, epochs: int = 6,
           max_new_tokens: int = 192, lr: float = 1e-3, batch_positions: int = 256, seed: int = 0,
-          prompts_file: Path = DATA, limit: int | None = None, token_input: bool = True,
-          vocab: int = 4096,
+          prompts_file: Path = DATA, limit: int | None = None, token_input: bool = True, vocab: int = 4096,
           progress: bool = True) -> dict:
     """Generate, train, evaluate on the held-out prompts, save to ``out``; returns the saved metadata."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    train_p, held_p = split(load_prompts(prompts_file)[:limit])
+    prompts = load_prompts(prompts_file)[:limit]
+    train_p, held_p = split(prompts)
     if not held_p:
-        raise ValueError(f"need at least 10 prompts (every tenth is held out), got {len(train_p)}")
+        raise ValueError(f"need at least 10 prompts (every tenth is held out), got {len(prompts)}")
     t0 = time.perf_counter()
     seqs, plens = continuations(pipeline, train_p + held_p, max_new_tokens)
     gen_s = time.perf_counter() - t0
