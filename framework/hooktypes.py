@@ -169,6 +169,9 @@ class CalibrationContext:
     device: torch.device
     dtype: torch.dtype
     progress: bool = False     # whether long passes may show a progress bar
+    # the GGUF file the float weights were dequantized from (an alias or a ``.gguf`` model), else None: a
+    # plugin can take the file's own quantized codes instead of quantizing the float weights again
+    source_gguf: str | None = None
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ def quantize_model(pm, loaded: LoadedModel, progress: bool = False) -> list[str]
     if pm.hook.calibrate.get_hookimpls():
         pm.hook.calibrate(context=CalibrationContext(
             model=model, tokenizer=loaded.tokenizer, model_name=loaded.name, device=loaded.device,
-            dtype=loaded.dtype, progress=progress))
+            dtype=loaded.dtype, progress=progress, source_gguf=loaded.gguf))
     if not pm.hook.quantize_layer.get_hookimpls():
         return []
     replaced = []

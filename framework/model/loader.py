@@ -10,7 +10,7 @@ import torch
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.archs import supported_model_types
-from tokenmill.model.resolve import resolve_model
+from tokenmill.model.resolve import resolve_model, source_gguf
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,6 +23,7 @@ class LoadedModel:
     path: str
     device: torch.device
     dtype: torch.dtype
+    gguf: str | None = None  # the GGUF file the float weights were dequantized from, when they came from one
 
     @property
     def config(self):
@@ -106,4 +107,5 @@ def load_model(model: str, *, dtype: str = "float32", device: str = "cpu", progr
                                                       attn_implementation="eager")
     hf.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(src)
-    return LoadedModel(hf, tok, name, str(src), dev, dt)
+    gguf = source_gguf(model)
+    return LoadedModel(hf, tok, name, str(src), dev, dt, None if gguf is None else str(gguf))

@@ -115,6 +115,15 @@ def convert_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> Path:
     return out_dir
 
 
+def source_gguf(model: str) -> Path | None:
+    """The GGUF file ``model`` (an alias or a ``.gguf`` path) is converted from, or None for any other model."""
+    key = model.strip().lower()
+    if key in ALIASES:
+        return find_alias_gguf(ALIASES[key])
+    path = Path(model).expanduser()
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
+
+
 def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
