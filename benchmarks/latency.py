@@ -1,8 +1,10 @@
 """Batch-1 greedy decode: HF eager generate() vs tokenmill eager vs tokenmill compiled, in one run.
 
     python benchmarks/latency.py [--pipeline pipelines/default.yaml] [--new-tokens 128] [--repeats 2]
+    python benchmarks/latency.py --peer llama.cpp [--threads 1,2] [--compile]
 
-Writes results/latency.json and results/latency.png and prints a markdown table.
+Writes results/latency.json and results/latency.png and prints a markdown table. With ``--peer llama.cpp``
+it runs every bit width against llama.cpp instead (see ``benchmarks/latency_peer.py``; results/latency-peer.*).
 """
 from __future__ import annotations
 
@@ -24,15 +26,26 @@ def main() -> None:
     ap.add_argument("--pipeline", default="pipelines/default.yaml")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", default=None, help="torch threads; with --peer a list (default 1,2)")
+    ap.add_argument("--peer", choices=["llama.cpp"], default=None,
+                    help="every bit width against llama.cpp (needs llama-cpp-python)")
+    ap.add_argument("--prefill-tokens", type=int, default=1000, help="with --peer: the prefill prompt's length")
+    ap.add_argument("--compile", action="store_true", help="with --peer: compiled rows too (fp32, 4-bit)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default=None, help="override the pipeline's device (e.g. cuda)")
     ap.add_argument("--attention", default=None, help="override the pipeline's attention backend")
     ap.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
-    ap.add_argument("--name", default="latency", help="output file stem under results/")
+    ap.add_argument("--name", default=None, help="output file stem under results/")
     args = ap.parse_args()
+    if args.peer:
+        import latency_peer
+
+        args.threads = args.threads or "1,2"
+        args.name = args.name or "latency-peer"
+        return latency_peer.main(args)
+    args.name = args.name or "latency"
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(int(args.threads))
     from transformers import AutoModelForCausalLM
 
     from tokenmill import Pipeline, SamplingParams, load_spec

@@ -16,6 +16,7 @@ from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
 from tokenmill.model.loader import weight_bytes
+from tokenmill.model.resolve import persist_compiled_kernels
 from tokenmill.params import SamplingParams
 from tokenmill.spec import PipelineSpec, load_spec
 
@@ -57,6 +58,7 @@ class Pipeline:
         self.closed = False
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        persist_compiled_kernels()  # quantization kernels, compiled steps and FlexAttention reuse earlier builds' code
         named = {p.name: instantiate(p.obj, p.options) for p in spec.plugins}
         self.pm = make_plugin_manager(list(named.items()), spec.order)
         self._plugins = MappingProxyType(self._plugin_map(named))

@@ -50,6 +50,13 @@ def cache_dir() -> Path:
     return base / "tokenmill"
 
 
+def persist_compiled_kernels() -> None:
+    """Point inductor's cache at ``inductor/`` under :func:`cache_dir` unless ``TORCHINDUCTOR_CACHE_DIR`` is set,
+    so kernels compiled by one build (a compiled decode step, FlexAttention, quantization kernels) are reused
+    by the next one instead of landing in a temporary directory. Called before anything compiles."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
 def find_alias_gguf(alias: Alias) -> Path:
     """Locate the alias's GGUF among the installed distribution's files (without importing it)."""
     try:

@@ -17,7 +17,7 @@ from tokenmill.model.archs import Layer, build_arch
 from tokenmill.model.archs.base import attention_shape
 from tokenmill.model.attention import AttentionLayout, backend_class
 from tokenmill.model.batch import ForwardBatch, build_batch
-from tokenmill.model.kernels.cpu_gemm import SKINNY_MAX_ROWS
+from tokenmill.model.kernels.cpu_gemm import CHOICES
 from tokenmill.model.shard import Shard
 
 
@@ -121,29 +121,28 @@ class ModelRunner:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
 
     def tune_cpu_gemm(self, steps: int = 5) -> str | None:
-        """CPU fp32 only: time whole one-token decode steps with small row counts through ``W @ x^T`` and through
-        oneDNN, alternating, and keep the faster median for this machine (which wins differs between CPUs; see
-        :mod:`tokenmill.model.kernels.cpu_gemm`). Returns ``"skinny"`` or ``"onednn"``, or None where there is
-        nothing to choose, or where the decode steps are compiled (inductor cannot lower oneDNN's linear at one
-        row, so a compiled runner keeps the default). Like :meth:`warm_up` it writes only a slot of the fresh
-        pool that its owner overwrites before reading."""
+        """CPU fp32 only: time whole one-token decode steps through each small-row GEMM path (``W @ x^T`` with
+        and without the padded row, oneDNN; :data:`tokenmill.model.kernels.cpu_gemm.CHOICES`), interleaved, and
+        keep the fastest median for this machine (which wins differs between CPUs). Returns the choice's name,
+        or None where there is nothing to choose, or where the decode steps are compiled (inductor cannot lower
+        oneDNN's linear at one row, so a compiled runner keeps the default). Like :meth:`warm_up` it writes only
+        a slot of the fresh pool that its owner overwrites before reading."""
         cpu = self.arch.linear.cpu
         if cpu is None or cpu.onednn is None or self.compiled:
             return None
         item = [([0], 0, [0], 1)]
-        times: dict[int, list[float]] = {SKINNY_MAX_ROWS: [], 0: []}
-        for limit in times:  # one untimed step each
-            cpu.skinny_max_rows = limit
+        times: dict[str, list[float]] = {name: [] for name in CHOICES}
+        for name in times:  # one untimed step each
+            cpu.choose(name)
             self.run(item)
         for _ in range(steps):
-            for limit, ts in times.items():
-                cpu.skinny_max_rows = limit
+            for name, ts in times.items():
+                cpu.choose(name)
                 t0 = time.perf_counter()
                 self.run(item)
                 ts.append(time.perf_counter() - t0)
-        median = {limit: sorted(ts)[len(ts) // 2] for limit, ts in times.items()}
-        cpu.skinny_max_rows = 0 if median[0] < median[SKINNY_MAX_ROWS] else SKINNY_MAX_ROWS
-        self.cpu_gemm = "onednn" if cpu.skinny_max_rows == 0 else "skinny"
+        self.cpu_gemm = min(times, key=lambda name: sorted(times[name])[len(times[name]) // 2])
+        cpu.choose(self.cpu_gemm)
         return self.cpu_gemm
 
     @torch.inference_mode()

@@ -53,6 +53,9 @@ def compiled(fn, key: tuple):
     if k not in _COMPILED:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_" + "_".join(str(v) for v in key))
         clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        from tokenmill.model.resolve import persist_compiled_kernels
+
+        persist_compiled_kernels()
         _COMPILED[k] = torch.compile(clone, dynamic=False)
     return _COMPILED[k]
 

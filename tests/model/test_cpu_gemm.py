@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.model.kernels.cpu_gemm import SKINNY_MAX_ROWS, CpuLinear
+from tokenmill.model.kernels.cpu_gemm import CHOICES, SKINNY_MAX_ROWS, CpuLinear
 
 
 @pytest.mark.parametrize("onednn", [True, False])
@@ -40,10 +40,10 @@ def test_onednn_found_when_this_build_has_it():
     assert CpuLinear(onednn=False).backend == "mkl"
 
 
-@pytest.mark.parametrize("slow", ["skinny", "onednn"])
-def test_the_runner_keeps_the_faster_small_row_path(tiny_llama_dir, monkeypatch, slow):
-    """tune_cpu_gemm times whole decode steps on both small-row paths and keeps the faster; greedy output is the
-    same either way. The clock is faked: each step through the slow path reads 3 ticks instead of 1."""
+@pytest.mark.parametrize("fast", list(CHOICES))
+def test_the_runner_keeps_the_fastest_small_row_path(tiny_llama_dir, monkeypatch, fast):
+    """tune_cpu_gemm times whole decode steps on every small-row path and keeps the fastest; greedy output is
+    the same either way. The clock is faked: each step through a slow path reads 3 ticks instead of 1."""
     from tests.conftest import tiny_pipeline_dict
     from tokenmill import Pipeline, SamplingParams
     from tokenmill.model import runner as runner_mod
@@ -56,13 +56,12 @@ def test_the_runner_keeps_the_faster_small_row_path(tiny_llama_dir, monkeypatch,
     clock = [0.0]
 
     def fake_clock():
-        skinny = cpu.skinny_max_rows > 0
-        clock[0] += 3.0 if skinny == (slow == "skinny") else 1.0
+        clock[0] += 1.0 if (cpu.skinny_max_rows, cpu.pad_rows) == CHOICES[fast] else 3.0
         return clock[0]
 
     monkeypatch.setattr(runner_mod.time, "perf_counter", fake_clock)
-    assert runner.tune_cpu_gemm() == ("onednn" if slow == "skinny" else "skinny")
-    assert cpu.skinny_max_rows == (0 if slow == "skinny" else SKINNY_MAX_ROWS)
+    assert runner.tune_cpu_gemm() == fast
+    assert (cpu.skinny_max_rows, cpu.pad_rows) == CHOICES[fast]
     monkeypatch.undo()
     assert pipe.info()["cpu_gemm"] == runner.cpu_gemm
     assert pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids == ref

@@ -33,7 +33,7 @@ from tokenmill.model.archs.base import LayerAttention
 from tokenmill.model.attention.base import AttentionBackend, AttentionLayout
 from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, place_rows, query_groups
 from tokenmill.model.batch import ForwardBatch
-from tokenmill.model.resolve import cache_dir
+from tokenmill.model.resolve import persist_compiled_kernels
 
 Q_BLOCK = 128  # query rows per block-mask row for chunks longer than this
 FLEX_MAX_QUERY = 1  # longer query groups take the gather path (see FlexPaged.max_query)
@@ -155,7 +155,7 @@ class FlexPaged(AttentionBackend):
         self._fns: dict[tuple, object] = {}
         self.gather = SdpaGather(layout)
         # compiled kernels persist under the tokenmill cache, so a second build reuses them (seconds, not minutes)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        persist_compiled_kernels()
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT

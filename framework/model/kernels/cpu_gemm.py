@@ -17,10 +17,11 @@ So up to :data:`SKINNY_MAX_ROWS` rows we compute ``W @ x^T`` (a tall-skinny GEMM
 once; 1 and 3 rows are padded by one, which MKL runs faster: 3 rows cost 18.0 ms, 4 rows 14.5), above that
 oneDNN's fp32 matmul (AVX-512 on any vendor's CPU) when this build has it, else ``F.linear``. All three agree with ``F.linear`` to float32 rounding (tests/model/test_cpu_gemm.py).
 
-The best small-row path differs between CPUs: on an Intel Xeon (2 threads) a whole one-token decode step took
-68.3 ms through ``W @ x^T`` and 41.8 ms through oneDNN. So ``skinny_max_rows`` is per instance, and the model
-runner measures both on whole decode steps at build (:meth:`tokenmill.model.runner.ModelRunner.tune_cpu_gemm`)
-and keeps the faster one.
+The best small-row path differs between CPUs: on an Intel Xeon (2 threads) a one-token decode step ran at
+13.5 tok/s through ``W @ x^T`` with the row padded, 15.1 through oneDNN and 22.2 through ``W @ x^T`` without
+the padding (there MKL's one-row case is the fast one). So ``skinny_max_rows`` and ``pad_rows`` are per
+instance, and the model runner measures the three choices (:data:`CHOICES`) on whole decode steps at build
+(:meth:`tokenmill.model.runner.ModelRunner.tune_cpu_gemm`) and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 SKINNY_MAX_ROWS = 4
 PAD_ROWS = (1, 3)  # row counts MKL runs slower than one more row (1 row 2x, 3 rows 1.25x): padded by a row
+# the small-row paths the runner chooses between: name -> (skinny_max_rows, pad_rows)
+CHOICES: dict[str, tuple[int, tuple[int, ...]]] = {"skinny": (SKINNY_MAX_ROWS, PAD_ROWS),
+                                                   "skinny-unpadded": (SKINNY_MAX_ROWS, ()), "onednn": (0, ())}
 
 
 def _onednn_op():
@@ -56,6 +60,11 @@ class CpuLinear:
     def __init__(self, *, onednn: bool = True) -> None:
         self.onednn = _onednn_op() if onednn else None
         self.skinny_max_rows = SKINNY_MAX_ROWS  # 0: oneDNN (or F.linear) at every row count
+        self.pad_rows = PAD_ROWS  # row counts of the skinny path computed with one more (copied) row
+
+    def choose(self, name: str) -> None:
+        """Take one of :data:`CHOICES`."""
+        self.skinny_max_rows, self.pad_rows = CHOICES[name]
 
     @property
     def backend(self) -> str:
@@ -64,7 +73,7 @@ class CpuLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = x.shape[0]
         if 0 < m <= self.skinny_max_rows:
-            xs = torch.cat([x, x[:1]]) if m in PAD_ROWS else x
+            xs = torch.cat([x, x[:1]]) if m in self.pad_rows else x
             out = torch.mm(weight, xs.t()).t()[:m].contiguous()
             return out if bias is None else out + bias
         if self.onednn is not None and m > 0:
