@@ -124,11 +124,12 @@ class ModelRunner:
         """CPU fp32 only: time whole one-token decode steps through each small-row GEMM path (``W @ x^T`` with
         and without the padded row, oneDNN; :data:`tokenmill.model.kernels.cpu_gemm.CHOICES`), interleaved, and
         keep the fastest median for this machine (which wins differs between CPUs). Returns the choice's name,
-        or None where there is nothing to choose, or where the decode steps are compiled (inductor cannot lower
-        oneDNN's linear at one row, so a compiled runner keeps the default). Like :meth:`warm_up` it writes only
-        a slot of the fresh pool that its owner overwrites before reading."""
+        or None where there is nothing to choose (no oneDNN, or every projection a quantized module: a
+        quantized pipeline's build skips the timing), or where the decode steps are compiled (inductor cannot
+        lower oneDNN's linear at one row, so a compiled runner keeps the default). Like :meth:`warm_up` it
+        writes only a slot of the fresh pool that its owner overwrites before reading."""
         cpu = self.arch.linear.cpu
-        if cpu is None or cpu.onednn is None or self.compiled:
+        if cpu is None or cpu.onednn is None or self.compiled or not self.arch.linear.plain:
             return None
         item = [([0], 0, [0], 1)]
         times: dict[str, list[float]] = {name: [] for name in CHOICES}

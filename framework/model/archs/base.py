@@ -60,12 +60,14 @@ class Linear:
 
     def __init__(self, cpu_fp32: bool) -> None:
         self.cpu = CpuLinear() if cpu_fp32 else None
+        self.plain = 0  # projections applied through __call__ (plain nn.Linear; a fused group counts once)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias) if self.cpu is None else self.cpu(x, weight, bias)
 
     def module(self, mod) -> Callable[[torch.Tensor], torch.Tensor]:
         if type(mod) is torch.nn.Linear:
+            self.plain += 1
             return lambda x: self(x, mod.weight, mod.bias)
         return mod
 
@@ -87,6 +89,7 @@ class Linear:
                 m.bias.data = b[start:start + n]
             sizes.append(n)
             start += n
+        self.plain += 1
         return lambda x: self(x, w, b).split(sizes, dim=-1)
 
     def split(self, mod, sizes: list[int]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -113,6 +116,7 @@ class Arch:
         param = next(model.parameters())
         self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32)
         self.layers = [self.layer(i, hf) for i, hf in enumerate(base.layers)]
+        self.lm_head = self.linear.module(model.lm_head)
         if shard is not None:  # the row-parallel outputs are partial sums
             for layer in self.layers:
                 layer.o_proj, layer.mlp = _reduced(layer.o_proj, shard), _reduced(layer.mlp, shard)
@@ -176,7 +180,7 @@ class Arch:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final-normed hidden states: ``[R, vocab]`` (a tensor-parallel rank's columns gathered)."""
-        out = self.linear.module(self.model.lm_head)(h)
+        out = self.lm_head(h)
         return out if self.shard is None else self.shard.gather_vocab(out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
