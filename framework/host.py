@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "int8": "tokenmill.plugins.quant.int8:Int8",
     "int4": "tokenmill.plugins.quant.int4:Int4",
     "nf4": "tokenmill.plugins.quant.nf4:NF4",
+    "gguf": "tokenmill.plugins.quant.gguf:GGUF",
     "structured_output": "tokenmill.plugins.structured:StructuredOutput",
 }
 # Registered in every pipeline with trylast hookimpls: the engine's baseline behaviour.
