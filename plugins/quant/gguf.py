@@ -88,6 +88,12 @@ class GGUF(QuantPlugin):
         self._heads = tuple(dict.fromkeys(h for h in (cfg.num_attention_heads,
                                                       getattr(cfg, "num_key_value_heads", None)) if h))
 
+    @hookimpl
+    def configure(self, context) -> None:
+        """The layers are swapped by now: drop the codes no layer took (skipped or unselected layers)."""
+        if self.file is not None:
+            self.file.tensors.clear()
+
     def _tensor(self, name: str, module: torch.nn.Module) -> GgufTensor | None:
         """The file's tensor for layer ``name``, rows in the loaded weight's order; None (noted) if not quantized."""
         base = self._names.get_name(name) if self._names is not None else None
@@ -98,7 +104,7 @@ class GGUF(QuantPlugin):
             self.left_float[name] = (f"its tensor is {self.file.other[key]}" if key in self.file.other
                                      else "no tensor in the file")
             return None
-        t = self.file.tensors[key]
+        t = self.file.tensors.pop(key)  # the module built from it holds the codes from here on
         w = module.weight.detach()
         if t.shape != tuple(w.shape):
             raise PipelineError(f"gguf: tensor {key} of {self.file.path} has shape {list(t.shape)}, the loaded "

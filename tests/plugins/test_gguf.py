@@ -104,6 +104,7 @@ def test_default_model_runs_from_its_shipped_codes(default_model_dir):
     pipe = Pipeline.from_yaml("pipelines/gguf.yaml", progress=False)
     plugin = pipe.plugins["gguf"]
     assert set(plugin.source.values()) == {"Q4_1", "Q8_0", "shared"} and not plugin.left_float
+    assert not plugin.file.tensors  # no second copy of the codes kept after the build
     model = pipe.loaded.model
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding) and model.model.embed_tokens.table is model.lm_head
     assert pipe.info()["weight_bytes"] < 0.2 * 538_060_288
