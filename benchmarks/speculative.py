@@ -33,7 +33,8 @@ swapped, ``adaptive: false`` (the adaptive switch is for batches):
 ``ROW:K`` (e.g. ``prompt_lookup:8``) overrides a drafter's ``num_speculative_tokens``; ``prompt_lookup:K:S``
 also its ``short_draft_tokens`` (0: no cap). Each row runs in its own
 process (``--threads`` torch threads), plain first; with ``--repeats R`` the rows run round-robin R times and each
-prompt keeps its fastest time. Before every timed prompt the prefix cache is cleared, so prompts are measured
+prompt keeps its fastest time (``--concurrent``: the run of median throughput is kept). ``@NAME`` rows run
+``pipelines/NAME.yaml`` as shipped (its own drafter options, ``adaptive`` included). Before every timed prompt the prefix cache is cleared, so prompts are measured
 independently of their order. tok/s = generated tokens / wall time of ``generate()`` (prefill included), one
 value per prompt after one warm-up prompt, averaged over the set. Acceptance rate and mean accepted length
 (``mean_tokens_per_step``: tokens emitted per drafting step, accepted drafts + the target's own token) are those of
@@ -43,10 +44,13 @@ Greedy tokens must equal the plain row's. Writes results/speculative[-quick].jso
 
 ``--concurrent N``: N requests (chat and grounded prompts alternating; past the 16 distinct prompts a request gets
 a numbered system message so no two are identical) submitted at once through continuous batching, ``--new-tokens``
-(default 64) each, without speculation and with ``prompt_lookup`` and ``self_int4``, each with ``adaptive: true``
-and ``adaptive: false``. Reports throughput (generated tokens / seconds from the first submit to the last finish),
+(default 64) each. The default rows are every shipped speculative pipeline as it is (``@NAME``:
+``pipelines/NAME.yaml``, with ``max_num_seqs`` raised to N so the whole burst is one batch) against the same
+pipeline without its drafter (``plain``, i.e. ``@speculative/plain``; ``@full/plain`` for ``full.yaml``, whose
+weights are int8); any drafter row above (``DRAFTER_adaptive`` for ``adaptive: true``) may be named too. Reports
+throughput (generated tokens / seconds from the first submit to the last finish),
 the ratio to no speculation, ``stats()["spec"]`` and, for the drafters, how many engine steps ran with speculation
-on vs off (``steps_on`` / ``steps_off`` of the drafter plugin). Writes results/speculative-concurrent[-quick].json
+on vs off (``steps_on`` / ``steps_off`` of the drafter plugin) and what its draft planner measured. Writes results/speculative-concurrent[-quick].json
 and .png. ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at most 8 requests of 16 tokens
 (concurrent).
 """
@@ -70,7 +74,7 @@ WARMUP_PROMPT = "Name three board games that are fun for a family of four, and s
 
 BATCH1_ROWS = ("plain", "self_int8", "self_int4", "prompt_lookup", "medusa", "medusa_tree", "draft_model")
 EXTRA_ROWS = ("self_nf4", "self_int8_lookup", "self_int4_lookup", "medusa_auto")
-CONCURRENT_ROWS = ("plain", "prompt_lookup_adaptive", "prompt_lookup", "self_int4_adaptive", "self_int4")
+CONCURRENT_ROWS = ("plain", "@prompt-lookup", "@speculative", "@medusa", "@full/plain", "@full")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -170,6 +174,43 @@ def drafter_for(row: str, cfg: dict) -> tuple[str, dict | None, str]:
     raise ValueError(f"unknown row {row!r}")
 
 
+def shipped_row(row: str, cfg: dict, max_num_seqs: int | None = None) -> tuple[dict, str | None, str]:
+    """``@NAME``: pipelines/NAME.yaml as shipped; ``@NAME/plain``: the same without its drafter. The model is
+    overridden, ``max_num_seqs`` (if given) raised to the request count, relative paths made absolute. ->
+    (pipeline dict, drafter plugin name or None, label)."""
+    import yaml
+
+    name, _, plain = row[1:].partition("/")
+    data = yaml.safe_load((ROOT / "pipelines" / f"{name}.yaml").read_text())
+    data.update(model=cfg["model"], name=f"{name}-bench")
+    if max_num_seqs:
+        data["limits"] = dict(data.get("limits") or {}, max_num_seqs=max_num_seqs)
+    plugins, drafter = [], None
+    for p in data["plugins"]:
+        plugin = p if isinstance(p, str) else next(iter(p))
+        if plugin in DRAFTERS:
+            drafter = plugin
+            if plain:
+                continue
+            if isinstance(p, dict) and isinstance(p[plugin], dict):
+                p = {plugin: {k: str((ROOT / "pipelines" / v).resolve())
+                              if isinstance(v, str) and (ROOT / "pipelines" / v).exists() else v
+                              for k, v in p[plugin].items()}}
+        plugins.append(p)
+    data["plugins"] = plugins
+    label = f"pipelines/{name}.yaml" + (f" without {drafter}" if plain else "")
+    return data, None if plain else drafter, label
+
+
+def shipped_exists(row: str) -> bool:
+    name, _, plain = row[1:].partition("/")
+    return plain in ("", "plain") and (ROOT / "pipelines" / f"{name}.yaml").is_file()
+
+
+def row_label(row: str, cfg: dict) -> str:
+    return row[1:].replace("/plain", " without its drafter") if row.startswith("@") else drafter_for(row, cfg)[2]
+
+
 def pipeline_dict(cfg: dict, drafter: dict | None, max_num_seqs: int | None = None) -> dict:
     """pipelines/speculative.yaml with its drafter replaced (or removed) and the model overridden."""
     import yaml
@@ -229,9 +270,12 @@ def spec_summary(c: dict) -> dict:
 def child_batch1(row: str, cfg: dict) -> dict:
     from tokenmill import Pipeline, SamplingParams, load_spec
 
-    base, drafter, label = drafter_for(row, cfg)
-    plugin_name = next(iter(drafter)) if drafter else None
-    data = pipeline_dict(cfg, drafter)
+    if row.startswith("@"):
+        data, plugin_name, label = shipped_row(row, cfg)
+    else:
+        _, drafter, label = drafter_for(row, cfg)
+        plugin_name = next(iter(drafter)) if drafter else None
+        data = pipeline_dict(cfg, drafter)
     t0 = time.perf_counter()
     pipe = Pipeline(load_spec(data), progress=False)
     pipe.wait_ready()  # a compiled draft warms up in the background: time the pipeline once it speculates
@@ -270,9 +314,12 @@ def child_batch1(row: str, cfg: dict) -> dict:
 def child_concurrent(row: str, cfg: dict) -> dict:
     from tokenmill import Pipeline, SamplingParams, load_spec
 
-    base, drafter, label = drafter_for(row, cfg)
-    plugin_name = next(iter(drafter)) if drafter else None
-    data = pipeline_dict(cfg, drafter, max_num_seqs=max(cfg["requests"], 16))
+    if row.startswith("@"):
+        data, plugin_name, label = shipped_row(row, cfg, max(cfg["requests"], 16))
+    else:
+        _, drafter, label = drafter_for(row, cfg)
+        plugin_name = next(iter(drafter)) if drafter else None
+        data = pipeline_dict(cfg, drafter, max_num_seqs=max(cfg["requests"], 16))
     t0 = time.perf_counter()
     pipe = Pipeline(load_spec(data), progress=False)
     pipe.wait_ready()  # a compiled draft warms up in the background: time the pipeline once it speculates
@@ -308,9 +355,9 @@ def child_concurrent(row: str, cfg: dict) -> dict:
            "spec": spec_summary(d), "stats_spec_cumulative": pipe.stats()["spec"]}
     if "steps_on" in d:
         res["steps_on"], res["steps_off"] = d["steps_on"], d["steps_off"]
-        switch = getattr(pipe.plugins[plugin_name], "switch", None)
-        if switch is not None:
-            res["switch_rates_tok_per_s"] = switch.snapshot()
+        plugin = pipe.plugins[plugin_name]
+        if hasattr(plugin, "budget_snapshot"):
+            res["budget"] = plugin.budget_snapshot()
     short = [i for i, o in enumerate(outs) if len(o.token_ids) != cfg["new_tokens"]]
     if short:
         res["warning"] = f"{len(short)} requests did not produce exactly {cfg['new_tokens']} tokens"
@@ -377,6 +424,14 @@ def fmt(x, spec=".2f", none="n/a") -> str:
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
+
+
+def median_run(runs: list[dict]) -> dict:
+    """A concurrent row run several times: the run of median throughput, with every run's throughput."""
+    ok = sorted((r for r in runs if r["ok"]), key=lambda r: r["tok_per_s"])
+    if not ok:
+        return runs[-1]
+    return dict(ok[(len(ok) - 1) // 2], repeats=len(ok), tok_per_s_all=[r["tok_per_s"] for r in runs if r["ok"]])
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -495,7 +550,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 prompts per set, 32 tokens (--concurrent: <= 8 requests, 16 tokens)")
     ap.add_argument("--concurrent", type=int, default=None, metavar="N", help="N requests at once instead")
-    ap.add_argument("--repeats", type=int, default=1, help="batch 1: run the rows round-robin R times, best per prompt")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the rows round-robin R times; batch 1: best time per prompt, --concurrent: the run of "
+                         "median throughput")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens of speculative / medusa / draft_model")
     ap.add_argument("--pl-k", type=int, default=16, help="num_speculative_tokens of prompt_lookup")
     ap.add_argument("--pl-short", type=int, default=3,
@@ -533,9 +590,10 @@ def main() -> None:
                if concurrent else BATCH1_ROWS + EXTRA_ROWS)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else list(
         CONCURRENT_ROWS if concurrent else BATCH1_ROWS)
-    bad = [r for r in rows if parse_row(r)[0] not in allowed]
+    bad = [r for r in rows if not (shipped_exists(r) if r.startswith("@") else parse_row(r)[0] in allowed)]
     if bad:
-        ap.error(f"unknown rows {bad}; choose from {', '.join(allowed)} (optionally ROW:K)")
+        ap.error(f"unknown rows {bad}; choose from {', '.join(allowed)} (optionally ROW:K)"
+                 + "; or @NAME / @NAME/plain for pipelines/NAME.yaml")
     if "plain" in rows:  # the reference runs first
         rows.remove("plain")
         rows.insert(0, "plain")
@@ -551,7 +609,7 @@ def main() -> None:
         cfg["target_layers"] = draft_info["source_layers"]
     skipped = {}
     for r in rows:
-        if row_kind(r).startswith("medusa") and not ((heads / "medusa_config.json").is_file()
+        if not r.startswith("@") and row_kind(r).startswith("medusa") and not ((heads / "medusa_config.json").is_file()
                                             and (heads / "medusa_heads.safetensors").is_file()):
             shown = heads.relative_to(ROOT) if heads.is_relative_to(ROOT) else heads
             skipped[r] = {"ok": False, "skipped": True, "label": drafter_for(r, cfg)[2],
@@ -568,7 +626,7 @@ def main() -> None:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(cfg))
         runs: dict[str, list[dict]] = {r: [] for r in rows}
-        for rep in range(1 if concurrent else args.repeats):
+        for rep in range(args.repeats):
             for row in rows:
                 if row in skipped:
                     continue
@@ -586,9 +644,9 @@ def main() -> None:
                     print("    " + ", ".join(f"{k} {mean(p['tok_per_s'] for p in v):.1f} tok/s"
                                              for k, v in r["sets"].items()), file=sys.stderr, flush=True)
         for row in rows:
-            results[row] = skipped[row] if row in skipped else (runs[row][0] if concurrent
+            results[row] = skipped[row] if row in skipped else (median_run(runs[row]) if concurrent
                                                                  else merge_repeats(runs[row]))
-            results[row].setdefault("label", drafter_for(row, cfg)[2])
+            results[row].setdefault("label", row_label(row, cfg))
 
     common_payload = {"model": args.model, "dtype": "float32", "device": "cpu", "threads_per_row": args.threads,
                       "new_tokens": new_tokens, "quick": args.quick,
@@ -603,9 +661,12 @@ def main() -> None:
         for row, r in results.items():
             if not r["ok"]:
                 continue
-            r["vs_no_speculation"] = r["tok_per_s"] / base["tok_per_s"] if base_ok else None
-            if base_ok and row != "plain":
-                r["greedy_identical_requests"] = sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
+            ref = results.get(row + "/plain") if row.startswith("@") and row + "/plain" in results else base
+            if ref is None or not ref["ok"] or ref is r:
+                r["vs_no_speculation"] = 1.0 if ref is r else None
+                continue
+            r["vs_no_speculation"] = r["tok_per_s"] / ref["tok_per_s"]
+            r["greedy_identical_requests"] = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
         for r in results.values():
             r.pop("tokens", None)
         payload = dict(common_payload, requests=requests,
@@ -628,11 +689,12 @@ def main() -> None:
                 continue
             s = r["spec"]
             onoff = f"{r['steps_on']} / {r['steps_off']}" if "steps_on" in r else "-"
-            same = ("ref" if row == "plain" else f"{r['greedy_identical_requests']}/{requests}"
+            same = ("ref" if "greedy_identical_requests" not in r and r["vs_no_speculation"] == 1.0
+                    else f"{r['greedy_identical_requests']}/{requests}"
                     if "greedy_identical_requests" in r else "n/a")
             print(f"| {r['label']} | {r['tok_per_s']:.1f} | {fmt(r['vs_no_speculation'])}x | "
-                  f"{'-' if row == 'plain' else fmt(s['acceptance_rate'], '.1%')} | "
-                  f"{'-' if row == 'plain' else fmt(s['mean_tokens_per_step'])} | {onoff} | {r['engine_steps']} | "
+                  f"{fmt(s['acceptance_rate'], '.1%') if s['draft_tokens'] else '-'} | "
+                  f"{fmt(s['mean_tokens_per_step']) if s['draft_tokens'] else '-'} | {onoff} | {r['engine_steps']} | "
                   f"{fmt(r['mean_batch_size'], '.1f')} | {same} |")
         print(f"\nwrote {out}")
         return

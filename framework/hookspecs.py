@@ -213,11 +213,14 @@ def clear_prefix_cache():
 
 
 @hookspec(firstresult=True)
-def propose_tokens(seqs):
+def propose_tokens(seqs, num_tokens):
     """Propose draft tokens for the sequences that produce a token this step.
 
     :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
         sequences whose final prefill chunk runs now. After the step all their tokens have KV.
+    :param num_tokens: tokens the step forwards before any draft (every scheduled sequence's, prefill chunks
+        included): what drafts add to, for a drafter that weighs their cost
+        (:mod:`tokenmill.speculation.budget`; ``StepStats.num_forward_tokens`` reports the total afterwards).
     :return: a list parallel to ``seqs``, each a :class:`tokenmill.speculation.Draft` (tokens and, for a
         sampling drafter, the distributions they were drawn from; or a tree of deterministic drafts through
         ``Draft.parents``, verified in one forward under a tree attention mask) or a plain token-id list

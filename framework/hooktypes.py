@@ -213,3 +213,4 @@ class StepStats:
     num_waiting: int
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
+    num_forward_tokens: int = 0  # tokens the forward ran: every scheduled token plus every draft token (tree nodes)

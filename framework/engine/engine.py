@@ -102,7 +102,7 @@ class Engine:
         # a decode runs one token of a sequence whose prompt is all computed (not a 1-token prefill chunk)
         num_decode = sum(1 for s in plan.scheduled
                          if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len)
-        drafts = self._propose([s.seq for s in producing])
+        drafts = self._propose([s.seq for s in producing], plan.num_scheduled_tokens)
         t_fwd = time.perf_counter()
         forwarded = self._forward(plan, producing, drafts, chunks)
         if forwarded is None:
@@ -114,7 +114,7 @@ class Engine:
         accepted = self._verify(verify, chunks) if producing else []
         forward_s = time.perf_counter() - t_fwd
         counts = self._update(plan, verify, hidden, accepted, raw, chunks)
-        self._observe(plan, num_decode, t0, forward_s, *counts)
+        self._observe(plan, num_decode, t0, forward_s, sum(len(d.tokens) for d in drafts), *counts)
         return list(chunks.values())
 
     def _schedule(self, t0: float, chunks: dict[str, StreamChunk]) -> SchedulerOutput | None:
@@ -212,13 +212,13 @@ class Engine:
                 self._finish(seq, "error", error=self._error(exc), chunks=chunks)
         return generated, num_draft, num_accepted
 
-    def _observe(self, plan: SchedulerOutput, num_decode: int, t0: float, forward_s: float, generated: int,
-                 num_draft: int, num_accepted: int) -> None:
+    def _observe(self, plan: SchedulerOutput, num_decode: int, t0: float, forward_s: float, draft_tokens: int,
+                 generated: int, num_draft: int, num_accepted: int) -> None:
         self.step_count += 1
         stats = StepStats(self.step_count, len(plan.scheduled), plan.num_scheduled_tokens - num_decode,
                           num_decode, generated, self.limits.max_num_batched_tokens, time.perf_counter() - t0,
                           forward_s, len(plan.preempted), len(self.running), len(self.waiting), num_draft,
-                          num_accepted)
+                          num_accepted, plan.num_scheduled_tokens + draft_tokens)
         self.stats.on_step(stats)
         for failure in call_each(self.pm, "step_end", stats=stats):  # an observer never breaks a step
             self._warn(failure, "its step_end is skipped for this step")
@@ -277,12 +277,12 @@ class Engine:
         warnings.warn(f"{failure}; {consequence}", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- helpers
-    def _propose(self, seqs: list[Sequence]) -> list[Draft]:
+    def _propose(self, seqs: list[Sequence], num_tokens: int) -> list[Draft]:
         """Ask the drafters; reserve KV for what they propose (dropping drafts that do not fit)."""
         if not seqs:
             return []
         try:
-            proposals = self.hook.propose_tokens(seqs=seqs)
+            proposals = self.hook.propose_tokens(seqs=seqs, num_tokens=num_tokens)
         except Exception as exc:  # a failing drafter costs speed, not requests
             self._warn(blame(exc, "propose_tokens"), "this step runs without drafts")
             proposals = None

@@ -1,5 +1,6 @@
 """Speculative decoding's home: the draft tree (:mod:`.tree`: :class:`Draft`, masks, accepted paths, K/V
-compaction) and the acceptance rules (:mod:`.accept`: exact and typical). Drafters are plugins
+compaction), the acceptance rules (:mod:`.accept`: exact and typical) and the draft-depth planner
+(:mod:`.budget`: measured costs and acceptance -> each sequence's draft depth). Drafters are plugins
 (``plugins/speculative``) built on these; the engine verifies through the ``verify_tokens`` hook, whose
 default (the ``sampler`` plugin) applies the exact rule.
 """

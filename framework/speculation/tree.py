@@ -24,16 +24,21 @@ class Draft:
     ``parents`` makes the drafts a *tree* verified in one forward (a tree attention mask): ``parents[i]`` is
     the index of token ``i``'s parent among ``tokens`` (earlier in the list), or ``-1`` for a child of the
     last accepted token; siblings must carry distinct tokens. None means a chain (``parents[i] == i - 1``).
+
+    ``kind`` is the drafter's label for how the draft was found (e.g. the length of the n-gram a copy
+    matched): the draft-depth planner (:mod:`tokenmill.speculation.budget`) learns acceptance per kind. The
+    engine ignores it.
     """
 
     tokens: list[int]
     parents: list[int] | None = field(default=None, kw_only=True)
+    kind: int = field(default=0, kw_only=True)
 
     def cut(self, room: int) -> "Draft":
         """At most ``room`` tokens deep: a chain keeps its first ``room`` tokens, a tree its nodes of depth <=
         ``room`` (renumbered). Raises ValueError for a malformed tree (bad parents, repeated siblings)."""
         if self.parents is None:
-            return Draft(self.tokens[:room])
+            return Draft(self.tokens[:room], kind=self.kind)
         parents = self.parents
         if len(parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(parents)):
             raise ValueError(f"draft tree parents {parents} must give each of the {len(self.tokens)} tokens an "
@@ -45,7 +50,7 @@ class Draft:
             if depth <= room:
                 index[i] = len(keep)
                 keep.append(i)
-        return Draft([self.tokens[i] for i in keep], parents=[index[parents[i]] for i in keep])
+        return Draft([self.tokens[i] for i in keep], parents=[index[parents[i]] for i in keep], kind=self.kind)
 
     def depths(self) -> list[int]:
         """1-based depth of each draft token (its offset from the last accepted token)."""

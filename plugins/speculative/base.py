@@ -1,22 +1,34 @@
-"""Shared behaviour of drafter plugins: options, the adaptive switch, statistics."""
+"""Shared behaviour of drafter plugins: options, how deep each sequence drafts this step, statistics."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from tokenmill.hooktypes import StepStats
 from tokenmill.plugin import Plugin, hookimpl
-from tokenmill.plugins.speculative.adaptive import AdaptiveSwitch
 from tokenmill.sequence import Sequence
+from tokenmill.speculation import Draft
+from tokenmill.speculation.budget import Acceptance, DraftCost, StepCost, plan_depths
+
+
+def as_draft(d) -> Draft:
+    return d if isinstance(d, Draft) else Draft(list(d))
 
 
 class DrafterPlugin(Plugin):
-    """Subclasses implement :meth:`draft`; this class decides when to speculate at all."""
+    """Subclasses implement :meth:`draft`; this class decides how deep each sequence drafts (0: not at all).
+
+    With ``adaptive`` (the default) the depth comes from :func:`tokenmill.speculation.budget.plan_depths`: the
+    step-cost curve measured from the engine's own steps, this drafter's measured cost, and each sequence's
+    measured acceptance, so a large batch drafts little or nothing and a sequence whose drafts keep failing
+    stops drafting. Without it every sequence drafts ``num_speculative_tokens`` deep.
+    """
 
     @dataclass(slots=True)
     class Options:
         num_speculative_tokens: int = 4
-        adaptive: bool = True                   # measure and switch speculation off where it costs throughput
-        max_batch_size: int | None = None       # never speculate above this many decoding sequences
+        adaptive: bool = True                   # plan each sequence's draft depth from measured costs and acceptance
+        max_batch_size: int | None = None       # never speculate above this many producing sequences
 
         def __post_init__(self) -> None:
             if not 1 <= self.num_speculative_tokens <= 16:
@@ -26,38 +38,100 @@ class DrafterPlugin(Plugin):
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
-        self.switch = AdaptiveSwitch(never_above=self.options.max_batch_size)
         self.batch_limit = self.options.max_batch_size  # a drafter may lower it where its fast path ends
+        self.step_cost = StepCost()
+        self.draft_cost = DraftCost()
+        self.acceptance = Acceptance()
+        self._drafted: dict[int, tuple[Sequence, int, int, int]] = {}  # seq_id -> (seq, tokens then, depth, kind)
         self.steps_on = 0
         self.steps_off = 0
 
-    def draft(self, seqs: list[Sequence]) -> list:
+    def draft(self, seqs: list[Sequence], depth: int) -> list:
+        """Drafts for ``seqs``, at most ``depth`` deep (deeper ones are cut): a list parallel to ``seqs`` of
+        :class:`Draft` or token lists. Its time is measured as the drafter's cost."""
         raise NotImplementedError
+
+    def cheap_drafts(self, seqs: list[Sequence]) -> list:
+        """Drafts that cost nothing to make, found before planning (a copy by n-gram lookup): per sequence a
+        :class:`Draft` or token list (empty: no draft), or None where :meth:`draft` has to make it."""
+        return [None] * len(seqs)
+
+    def draft_widths(self) -> list[int]:
+        """Draft tokens at depth 1, 2, ...: a chain of ``num_speculative_tokens`` by default."""
+        return [1] * self.options.num_speculative_tokens
 
     def ready(self) -> bool:
         """Whether the drafter can draft yet (one preparing in the background is not: no speculation then)."""
         return True
 
     @hookimpl
-    def propose_tokens(self, seqs: list[Sequence]):
-        if not self.ready():
+    def propose_tokens(self, seqs: list[Sequence], num_tokens: int):
+        self._learn(seqs)
+        too_many = self.batch_limit is not None and len(seqs) > self.batch_limit
+        if not self.ready() or too_many or not any(s.num_output_tokens > 0 for s in seqs):
             self.steps_off += 1
             return None
-        decoding = [s for s in seqs if s.num_output_tokens > 0]
-        self.switch.never_above = self.batch_limit
-        on = self.switch.decide(len(seqs)) if self.options.adaptive else (
-            self.batch_limit is None or len(seqs) <= self.batch_limit)
-        if not on or not decoding:
+        widths = self.draft_widths()
+        cheap = [None if d is None else as_draft(d) for d in self.cheap_drafts(seqs)]
+        costly = [d is None for d in cheap]
+        if self.options.adaptive:
+            values = [self.acceptance.path_values(s.seq_id, len(widths), 0 if d is None else d.kind)
+                      for s, d in zip(seqs, cheap)]
+            made_depth = min(len(widths), self.options.num_speculative_tokens)  # how deep draft() goes
+            for v, d in zip(values, cheap):  # no value past what a draft can hold: a copy's length, draft()'s depth
+                n = made_depth if d is None else len(d.tokens)
+                v[n:] = [0.0] * (len(v) - n)
+            depths = plan_depths(values, widths, num_tokens, self.step_cost, self.draft_cost(sum(costly)),
+                                 costly=costly)
+        else:
+            depths = [len(widths)] * len(seqs)
+        chosen = [i for i, d in enumerate(depths) if d]
+        self.acceptance.relax([s.seq_id for s, d in zip(seqs, depths) if not d])
+        made = [i for i in chosen if costly[i]]
+        if made:
+            deepest = max(depths[i] for i in made)
+            t0 = time.perf_counter()
+            for i, d in zip(made, self.draft([seqs[i] for i in made], deepest)):
+                cheap[i] = as_draft(d)
+            self.draft_cost.observe(len(made), deepest, time.perf_counter() - t0)
+        out = [Draft([]) for _ in seqs]
+        for i in chosen:
+            d = out[i] = cheap[i].cut(depths[i])
+            if d.tokens:
+                self._drafted[seqs[i].seq_id] = (seqs[i], seqs[i].num_tokens, max(d.depths()), d.kind)
+        if not any(d.tokens for d in out):
             self.steps_off += 1
-            if not decoding:
-                self.switch.last = None  # a prefill step says nothing about decode speed
             return None
         self.steps_on += 1
-        return self.draft(seqs)
+        return out
+
+    def _learn(self, seqs: list[Sequence]) -> None:
+        """Count what the last drafts of these sequences earned: the tokens they gained since, less the
+        target's own one; forget sequences that finished."""
+        for s in seqs:
+            seen = self._drafted.pop(s.seq_id, None)
+            if seen is not None and s.num_tokens > seen[1]:
+                _, before, depth, kind = seen
+                self.acceptance.record(s.seq_id, depth, min(s.num_tokens - before - 1, depth), kind)
+        for seq_id in [k for k, seen in self._drafted.items() if seen[0].is_finished]:
+            del self._drafted[seq_id]
+        if len(self.acceptance.counts) > 2 * len(seqs) + 64:  # sequences that finished stop being asked about
+            live = {s.seq_id for s in seqs} | set(self._drafted)
+            for seq_id in [k for k in self.acceptance.counts if k not in live]:
+                self.acceptance.forget(seq_id)
 
     @hookimpl
     def step_end(self, stats: StepStats) -> None:
-        if stats.num_prefill_tokens == 0:
-            self.switch.observe(stats.num_generated_tokens, stats.duration_s)
-        else:
-            self.switch.last = None
+        self.step_cost.observe(stats.num_forward_tokens, stats.forward_s)
+
+    def budget_snapshot(self) -> dict:
+        """What the planner has measured: step seconds per forwarded tokens, drafter seconds per depth by
+        batch, the first position's acceptance over all sequences and each later one's given the one before."""
+        ns, ts = self.step_cost.points()
+        acc = self.acceptance
+        return {"step_s_by_tokens": {round(n): round(t, 4) for n, t in zip(ns, ts)},
+                "draft_s_per_depth_by_batch": {b: round(s, 5) for b, s in sorted(self.draft_cost.per_depth.items())},
+                "acceptance_first_by_kind": {k: round(acc.overall_rate(k), 3) for k in sorted(acc.first)},
+                "acceptance_given_previous_by_kind": {k: [round(acc.continuation(j, k), 3)
+                                                          for j in range(2, len(d) + 2)]
+                                                      for k, d in sorted(acc.deeper.items())}}

@@ -42,6 +42,7 @@ from tokenmill.sequence import Sequence
 
 SELF_DRAFTS = {"self_int8": "int8", "self_int4": "int4", "self_nf4": "nf4"}
 LOOKUP_WINDOW = 4096  # tokens searched back for `lookup_ngram` matches
+COPY = 1  # Draft.kind of an n-gram copy (the draft model's own drafts are kind 0): acceptance is learned apart
 SELF_DRAFT_GRID = {"int4": {"group_size": 32}, "nf4": {"block_size": 32}}  # finer than the plugins' defaults
 
 
@@ -184,6 +185,9 @@ class Speculative(DrafterPlugin):
         t0 = time.perf_counter()
         try:
             self.runner.warm_up()
+            if self.options.adaptive:  # the planner starts from the draft's measured step cost per batch
+                for batch, seconds in self.runner.step_seconds(DRAFT_BUCKETS).items():
+                    self.draft_cost.observe(batch, 1, seconds)
         except Exception as exc:  # speculation costs speed, never requests: run without it
             if not background:
                 raise
@@ -215,13 +219,21 @@ class Speculative(DrafterPlugin):
         if self._warming is not None:
             self._warming.join()  # a compile cannot be interrupted; it is bounded (a few graphs)
 
-    def draft(self, seqs: list[Sequence]) -> list[Draft]:
+    def draft_widths(self) -> list[int]:
+        o = self.options
+        return [1] * max(o.num_speculative_tokens, o.lookup_tokens if o.lookup_ngram else 0)
+
+    def cheap_drafts(self, seqs: list[Sequence]) -> list[Draft | None]:
+        """With ``lookup_ngram``: a long n-gram match is a cheaper and (on input-grounded text) longer draft than
+        k draft-model steps; the draft model catches up on whatever of it is accepted at its next step."""
+        o = self.options
+        if not o.lookup_ngram:
+            return [None] * len(seqs)
+        copies = [lookup_match(s.token_ids, o.lookup_ngram, o.lookup_ngram, o.lookup_tokens, LOOKUP_WINDOW)[0]
+                  for s in seqs]
+        return [Draft(c, kind=COPY) if c else None for c in copies]
+
+    def draft(self, seqs: list[Sequence], depth: int) -> list[Draft]:
         assert self.runner is not None, "configure was not called"
         o = self.options
-        # with lookup_ngram a long n-gram match is a cheaper and (on input-grounded text) longer draft than k
-        # draft-model steps; the draft model catches up on whatever of it is accepted at its next step
-        copies = [lookup_match(s.token_ids, o.lookup_ngram, o.lookup_ngram, o.lookup_tokens, LOOKUP_WINDOW)[0]
-                  if o.lookup_ngram else [] for s in seqs]
-        rest = [s for s, c in zip(seqs, copies) if not c]
-        drafted = iter(self.runner.propose(rest, o.num_speculative_tokens, o.max_catch_up_ratio) if rest else ())
-        return [Draft(c) if c else next(drafted) for c in copies]
+        return self.runner.propose(seqs, min(depth, o.num_speculative_tokens), o.max_catch_up_ratio)

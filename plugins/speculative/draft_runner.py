@@ -7,6 +7,8 @@ Its single-token steps may run through ``torch.compile`` with dynamic shapes (ba
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from tokenmill.hooktypes import KVPool
@@ -59,6 +61,20 @@ class DraftModelRunner:
         for b, width, pos in calls:
             if 0 < b <= len(rows) and pos + width <= self.max_len:
                 self._forward([([0] * width, pos, [row], 1) for row in rows[:b]])
+
+    def step_seconds(self, batches: list[int]) -> dict[int, float]:
+        """Seconds of one single-token draft step at each batch size (its second run: the first may compile or
+        warm kernels), on free rows' scratch positions: what drafting one position costs, for the planner."""
+        rows = self.free_rows[-1:-DRAFT_BUCKETS[-1] - 1:-1]
+        out = {}
+        for b in batches:
+            if 0 < b <= len(rows) and WARM_UP_POSITION < self.max_len:
+                items = [([0], WARM_UP_POSITION, [row], 1) for row in rows[:b]]
+                self._forward(items)
+                t0 = time.perf_counter()
+                self._forward(items)
+                out[b] = time.perf_counter() - t0
+        return out
 
     def _forward(self, items: list) -> torch.Tensor:
         return self.runner.run(items, max_padded_tokens=CATCH_UP_COMPILED).logits

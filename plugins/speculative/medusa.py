@@ -20,6 +20,7 @@ exactly). Greedy requests always use exact matching.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,9 +218,26 @@ class Medusa(DrafterPlugin):
                 raise PipelineError(f"medusa tree: {exc} (the heads in {path} are {self.heads.num_heads})") from exc
             self.k = max(len(p) for p in self.tree[0])
             self.ranks = max(r for p in self.tree[0] for r in p) + 1
+        if self.options.adaptive:  # the planner starts from the heads' measured cost at a small and a large batch
+            for batch in (1, 64):
+                self.draft_cost.observe(batch, self.k, self._time_heads(batch, cfg.hidden_size, context))
 
     @torch.inference_mode()
-    def draft(self, seqs: list[Sequence]) -> list:
+    def _time_heads(self, batch: int, hidden_size: int, context: PipelineContext) -> float:
+        """Seconds the heads and their scoring take for ``batch`` states (the second of two runs)."""
+        h = torch.zeros(batch, hidden_size, device=context.device, dtype=context.dtype)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.lm_head(self.heads(h, h if self.heads.token_input else None, self.k)).argmax(-1).tolist()
+        return time.perf_counter() - t0
+
+    def draft_widths(self) -> list[int]:
+        if self.tree is None:
+            return [1] * self.k
+        return [sum(len(p) == d for p in self.tree[0]) for d in range(1, self.k + 1)]
+
+    @torch.inference_mode()
+    def draft(self, seqs: list[Sequence], depth: int) -> list:
         ready = [i for i, s in enumerate(seqs) if s.last_hidden is not None]
         out: list[list[int]] = [[] for _ in seqs]
         if not ready:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from tokenmill.plugins.speculative.base import DrafterPlugin
 from tokenmill.sequence import Sequence
+from tokenmill.speculation import Draft
 
 
 def lookup(tokens: list[int], max_ngram: int, min_ngram: int, k: int, window: int) -> list[int]:
@@ -57,14 +58,18 @@ class PromptLookup(DrafterPlugin):
             if self.short_draft_tokens is not None and self.short_draft_tokens < 1:
                 raise ValueError(f"short_draft_tokens must be >= 1, got {self.short_draft_tokens}")
 
-    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
+    def cheap_drafts(self, seqs: list[Sequence]) -> list[Draft]:
+        return self.draft(seqs, self.options.num_speculative_tokens)  # a lookup costs next to nothing
+
+    def draft(self, seqs: list[Sequence], depth: int) -> list[Draft]:
+        """Each sequence's copy (empty: no match), of kind the n-gram length it matched."""
         o = self.options
         full = o.full_draft_ngram or o.max_ngram
         out = []
         for s in seqs:
-            follow, n = lookup_match(s.token_ids, o.max_ngram, o.min_ngram, o.num_speculative_tokens,
+            follow, n = lookup_match(s.token_ids, o.max_ngram, o.min_ngram, min(depth, o.num_speculative_tokens),
                                      o.search_window)
             if o.short_draft_tokens is not None and n < full:
                 follow = follow[:o.short_draft_tokens]
-            out.append(follow)
+            out.append(Draft(follow, kind=n))
         return out

@@ -6,7 +6,6 @@ import torch
 
 from tests.conftest import make_tiny_model, tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
-from tokenmill.plugins.speculative.adaptive import AdaptiveSwitch
 from tokenmill.plugins.speculative.prompt_lookup import lookup
 from tokenmill import sampling, speculation
 from tokenmill.plugin import hookimpl
@@ -168,17 +167,43 @@ def test_draws_are_a_function_of_seed_and_position_only():
     assert sampling.draw(zeroed / zeroed.sum(), 7, 0) != a[0]                 # a zero-probability token never wins
 
 
-def test_adaptive_switch_learns_the_faster_arm():
-    sw = AdaptiveSwitch(min_samples=2)
-    for _ in range(8):
-        on = sw.decide(16)
-        sw.observe(100 if not on else 60, 1.0)  # speculation is slower at batch 16
-    assert sw.decide(16) is False
-    sw.observe(100, 1.0)
-    for _ in range(8):
-        on = sw.decide(2)
-        sw.observe(150 if on else 90, 1.0)
-    assert sw.decide(2) is True
+def test_adaptive_drafter_learns_acceptance_per_sequence_and_plans_depths():
+    """``adaptive``: the drafter learns each sequence's acceptance from the tokens it gained after a draft,
+    feeds the step-cost curve from ``step_end``, and gives a sequence whose drafts keep failing no draft while
+    one whose drafts land keeps drafting; a compute-bound batch drafts nothing."""
+    from tokenmill.hooktypes import StepStats
+    from tokenmill.plugins.speculative.base import DrafterPlugin
+    from tokenmill.sequence import Sequence, SeqStatus
+
+    class Fives(DrafterPlugin):
+        name = "fives"
+
+        def draft(self, seqs, depth):
+            return [[5] * depth for _ in seqs]
+
+    plugin = Fives(DrafterPlugin.Options(num_speculative_tokens=4))
+    good = Sequence(0, "good", [1, 2, 3], SamplingParams(max_tokens=64), 0.0)
+    bad = Sequence(1, "bad", [7, 8, 9], SamplingParams(max_tokens=64), 0.0)
+    for s in (good, bad):
+        s.token_ids.append(4)  # one output token each: both decode
+    for n in (2, 4, 8, 16):  # a verify token costs a tenth of a decode step
+        plugin.step_end(StepStats(1, 2, 0, 2, 2, 64, 0.0, 0.1 + 0.01 * n, 0, 2, 0, num_forward_tokens=n))
+    for _ in range(6):
+        drafts = plugin.propose_tokens(seqs=[good, bad], num_tokens=2)
+        assert drafts is not None
+        good.token_ids += drafts[0].tokens + [0]  # every draft of `good` accepted
+        bad.token_ids += [0]  # every draft of `bad` rejected at its first token
+    assert plugin.acceptance.rate(good.seq_id) > 0.8 > 0.4 > plugin.acceptance.rate(bad.seq_id)
+    drafts = plugin.propose_tokens(seqs=[good, bad], num_tokens=2)
+    assert len(drafts[0].tokens) == 4 and drafts[1].tokens == []
+    # a batch of 64 where every forwarded token costs as much as a decode row: no speculation at all
+    for n in (64, 128, 256, 512):
+        plugin.step_end(StepStats(1, 64, 0, 64, 64, 512, 0.0, 0.01 * n, 0, 64, 0, num_forward_tokens=n))
+    before = plugin.steps_off
+    assert plugin.propose_tokens(seqs=[good] * 64, num_tokens=64) is None and plugin.steps_off == before + 1
+    good.status = bad.status = SeqStatus.FINISHED
+    plugin.propose_tokens(seqs=[], num_tokens=0)
+    assert not plugin._drafted  # finished sequences are forgotten
 
 
 def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
@@ -198,7 +223,8 @@ def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
     from types import SimpleNamespace
 
     assert drafter.batch_limit == 16
-    assert drafter.propose_tokens(seqs=[SimpleNamespace(num_output_tokens=1)] * 17) is None
+    seqs = [SimpleNamespace(seq_id=i, num_tokens=4, num_output_tokens=1) for i in range(17)]
+    assert drafter.propose_tokens(seqs=seqs, num_tokens=17) is None
 
 
 def test_self_draft_defaults_and_overrides():
@@ -220,7 +246,9 @@ def test_prompt_lookup_caps_drafts_of_short_matches():
     plugin = PromptLookup(PromptLookup.Options(num_speculative_tokens=4, short_draft_tokens=1, adaptive=False))
     strong = Sequence(0, "a", [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], SamplingParams(max_tokens=4), 0.0)
     weak = Sequence(1, "b", [5, 6, 7, 5], SamplingParams(max_tokens=4), 0.0)
-    assert plugin.draft([strong, weak]) == [[7, 8, 1, 2], [6]]
+    Draft = speculation.Draft
+    assert plugin.draft([strong, weak], 4) == [Draft([7, 8, 1, 2], kind=3), Draft([6], kind=1)]  # kind: the n-gram
+    assert plugin.draft([strong, weak], 2) == [Draft([7, 8], kind=3), Draft([6], kind=1)]
     with pytest.raises(ValueError, match="short_draft_tokens must be >= 1"):
         PromptLookup.Options(short_draft_tokens=0)
     with pytest.raises(ValueError, match="full_draft_ngram must be in 1..max_ngram"):
@@ -308,18 +336,18 @@ def test_draft_model_copies_long_ngram_matches_instead_of_drafting(tiny_llama_di
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"speculative": opts}]), progress=False)
     plugin = pipe.pm.get_plugin("speculative")
     drafted, copied = [], []
-    inner_propose, inner_draft = plugin.runner.propose, plugin.draft
+    inner_propose, inner_cheap = plugin.runner.propose, plugin.cheap_drafts
 
     def propose(seqs, k, *rest):
         drafted.append(len(seqs))
         return inner_propose(seqs, k, *rest)
 
-    def draft(seqs):
-        out = inner_draft(seqs)
-        copied.append(sum(1 for d in out if len(d.tokens) > 3))  # only copies exceed k
+    def cheap_drafts(seqs):
+        out = inner_cheap(seqs)
+        copied.append(sum(1 for d in out if d is not None and len(d.tokens) > 3))  # only copies exceed k
         return out
 
-    plugin.runner.propose, plugin.draft = propose, draft
+    plugin.runner.propose, plugin.cheap_drafts = propose, cheap_drafts
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     out = [pipe.generate(p, params)[0].token_ids for p in PROMPTS]
     assert out == reference
