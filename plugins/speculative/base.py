@@ -71,20 +71,9 @@ class DrafterPlugin(Plugin):
         if not self.ready() or too_many or not any(s.num_output_tokens > 0 for s in seqs):
             self.steps_off += 1
             return None
-        widths = self.draft_widths()
         cheap = [None if d is None else as_draft(d) for d in self.cheap_drafts(seqs)]
         costly = [d is None for d in cheap]
-        if self.options.adaptive:
-            values = [self.acceptance.path_values(s.seq_id, len(widths), 0 if d is None else d.kind)
-                      for s, d in zip(seqs, cheap)]
-            made_depth = min(len(widths), self.options.num_speculative_tokens)  # how deep draft() goes
-            for v, d in zip(values, cheap):  # no value past what a draft can hold: a copy's length, draft()'s depth
-                n = made_depth if d is None else len(d.tokens)
-                v[n:] = [0.0] * (len(v) - n)
-            depths = plan_depths(values, widths, num_tokens, self.step_cost, self.draft_cost(sum(costly)),
-                                 costly=costly)
-        else:
-            depths = [len(widths)] * len(seqs)
+        depths = self._plan(seqs, cheap, num_tokens)
         chosen = [i for i, d in enumerate(depths) if d]
         self.acceptance.relax([s.seq_id for s, d in zip(seqs, depths) if not d])
         made = [i for i in chosen if costly[i]]
@@ -104,6 +93,20 @@ class DrafterPlugin(Plugin):
             return None
         self.steps_on += 1
         return out
+
+    def _plan(self, seqs: list[Sequence], cheap: list[Draft | None], num_tokens: int) -> list[int]:
+        """Each sequence's draft depth this step: planned with ``adaptive``, else the full depth."""
+        widths = self.draft_widths()
+        if not self.options.adaptive:
+            return [len(widths)] * len(seqs)
+        values = [self.acceptance.path_values(s.seq_id, len(widths), 0 if d is None else d.kind)
+                  for s, d in zip(seqs, cheap)]
+        made_depth = min(len(widths), self.options.num_speculative_tokens)  # how deep draft() goes
+        for v, d in zip(values, cheap):  # no value past what a draft can hold: a copy's length, draft()'s depth
+            n = made_depth if d is None else len(d.tokens)
+            v[n:] = [0.0] * (len(v) - n)
+        costly = [d is None for d in cheap]
+        return plan_depths(values, widths, num_tokens, self.step_cost, self.draft_cost(sum(costly)), costly=costly)
 
     def _learn(self, seqs: list[Sequence]) -> None:
         """Count what the last drafts of these sequences earned: the tokens they gained since, less the
