@@ -120,6 +120,27 @@ class ModelRunner:
                 for width in widths:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
 
+    @torch.inference_mode()
+    def time_forward(self, num_tokens: int, max_seqs: int, context: int = 256) -> float | None:
+        """Seconds of one forward of ``num_tokens`` new tokens spread over up to ``max_seqs`` sequences, each
+        after ``context`` earlier positions (scratch K/V), a logit row for each new token: what a decode step
+        verifying drafts computes. Its second run is timed, the first warming kernels up. None for a compiled
+        runner (a new shape would compile) or a pool too small. Like :meth:`warm_up` it writes only slots of the
+        fresh pool, so it is for build time."""
+        seqs = max(1, min(num_tokens, max_seqs))
+        width = -(-num_tokens // seqs)
+        context = max(0, min(context, self.layout.max_model_len - width))
+        blocks = list(range(-(-(context + width) // self.pool.block_size)))
+        if self.compiled or len(blocks) > self.pool.num_blocks:
+            return None
+        rest = num_tokens % width
+        items = [([0] * width, context, blocks, width)] * (num_tokens // width) + (
+            [([0] * rest, context, blocks, rest)] if rest else [])
+        self.run(items)
+        t0 = time.perf_counter()
+        self.run(items)
+        return time.perf_counter() - t0
+
     def tune_cpu_gemm(self, steps: int = 5) -> str | None:
         """CPU fp32 only: time whole one-token decode steps through each small-row GEMM path (``W @ x^T`` with
         and without the padded row, oneDNN; :data:`tokenmill.model.kernels.cpu_gemm.CHOICES`), interleaved, and

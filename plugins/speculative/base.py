@@ -4,11 +4,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tokenmill.hooktypes import StepStats
+from tokenmill.hooktypes import PipelineContext, StepStats
 from tokenmill.plugin import Plugin, hookimpl
 from tokenmill.sequence import Sequence
 from tokenmill.speculation import Draft
 from tokenmill.speculation.budget import Acceptance, DraftCost, StepCost, plan_depths
+
+
+CALIBRATION = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # forward sizes timed at build
 
 
 def as_draft(d) -> Draft:
@@ -59,6 +62,22 @@ class DrafterPlugin(Plugin):
     def draft_widths(self) -> list[int]:
         """Draft tokens at depth 1, 2, ...: a chain of ``num_speculative_tokens`` by default."""
         return [1] * self.options.num_speculative_tokens
+
+    def calibrate(self, context: PipelineContext) -> None:
+        """With ``adaptive``: time forwards of as many tokens as drafting steps may verify (``CALIBRATION``, up to
+        ``max_num_seqs`` times the deepest draft plus one) into the step-cost curve, so the first plans rest on
+        measured costs; the engine's own steps refine it from then on."""
+        if not self.options.adaptive or context.time_forward is None:
+            return
+        largest = context.limits.max_num_seqs * (1 + len(self.draft_widths()))
+        for n in CALIBRATION:
+            seconds = context.time_forward(n) if n <= largest else None
+            if seconds is not None:
+                self.step_cost.observe(n, seconds)
+
+    @hookimpl
+    def configure(self, context: PipelineContext) -> None:
+        self.calibrate(context)
 
     def ready(self) -> bool:
         """Whether the drafter can draft yet (one preparing in the background is not: no speculation then)."""

@@ -161,6 +161,7 @@ class Speculative(DrafterPlugin):
             raise PipelineError("share_kv: this pipeline gives plugins no KV pool to share")
         self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
                                        compile_spec=compile_spec, target=context.kv_pool if share else None)
+        self.calibrate(context)  # before a background warm-up competes for the cores
         # CUDA graphs (reduce-overhead) are recorded per thread: compile them on the thread that runs them
         if opts.compile_draft and opts.warm_up == "background" and opts.compile_mode != "reduce-overhead":
             self._warm.clear()

@@ -221,6 +221,7 @@ class Medusa(DrafterPlugin):
         if self.options.adaptive:  # the planner starts from the heads' measured cost at a small and a large batch
             for batch in (1, 64):
                 self.draft_cost.observe(batch, self.k, self._time_heads(batch, cfg.hidden_size, context))
+        self.calibrate(context)
 
     @torch.inference_mode()
     def _time_heads(self, batch: int, hidden_size: int, context: PipelineContext) -> float:

@@ -515,3 +515,24 @@ def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, mo
     with pytest.warns(RuntimeWarning, match="plugin 'speculative' failed to compile its draft .*inductor exploded"):
         assert [r.token_ids for r in pipe.generate(PROMPTS, params)] == reference
     assert pipe.stats()["spec"]["draft_tokens"] == 0
+
+
+def test_adaptive_drafter_calibrates_its_step_cost_at_build(tiny_llama_dir, monkeypatch):
+    """``adaptive``: the step-cost curve starts from forwards timed at build (``PipelineContext.time_forward``),
+    up to the largest step the drafter can make (max_num_seqs x (1 + depth)); after the build, when the KV
+    pool is in use, ``time_forward`` refuses."""
+    from tokenmill.plugins.speculative.prompt_lookup import PromptLookup
+
+    seen, calibrate = {}, PromptLookup.calibrate
+
+    def keep(self, context):
+        seen["context"] = context
+        return calibrate(self, context)
+
+    monkeypatch.setattr(PromptLookup, "calibrate", keep)
+    plugins = [{"prompt_lookup": {"num_speculative_tokens": 3}}] + PAGED
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    ns, ts = pipe.plugins["prompt_lookup"].step_cost.points()
+    assert ns[0] == 1 and max(ns) <= pipe.limits.max_num_seqs * 4 and len(ns) >= 6 and all(t > 0 for t in ts)
+    with pytest.raises(RuntimeError, match="time_forward is for configure"):
+        seen["context"].time_forward(4)
