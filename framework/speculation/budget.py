@@ -4,8 +4,8 @@ Speculation pays while verifying a few more tokens costs little (a memory-bound 
 the batch is large enough for every extra row to cost compute. Rather than switching on a guess, a drafter
 keeps three measurements and plans each step from them:
 
-- :class:`StepCost`: seconds a forward of ``n`` tokens takes, learned from the steps the engine ran (every
-  step is a sample, prefill chunks included, so the curve is known up to large ``n`` early);
+- :class:`StepCost`: seconds a forward of ``n`` tokens takes: a curve timed at build whose level follows the
+  engine's decode steps, or (where nothing could be timed at build) learned from every step the engine ran;
 - :class:`DraftCost`: seconds the drafter itself spends per draft position, per batch size;
 - :class:`Acceptance`: how likely a draft is to be accepted through each depth: the first position per
   sequence (its recent drafts, pulled toward the drafter's overall rate), the later ones per depth.
@@ -24,17 +24,44 @@ PER_OCTAVE = 4  # StepCost buckets: four per doubling of the token count
 
 
 class StepCost:
-    """Seconds a forward of ``n`` tokens takes: moving averages per token-count bucket, interpolated."""
+    """Seconds a forward of ``n`` tokens takes.
+
+    Two sources: a curve timed at build (:meth:`calibrate`), whose shape holds what extra tokens cost on this
+    machine, and the engine's own steps (:meth:`observe`). With a calibrated curve, decode steps set only its
+    level (a moving average of measured over calibrated seconds: real contexts and batches cost more than the
+    scratch forwards, and more as sequences grow), so the marginal cost of drafts keeps the measured shape
+    instead of being flattened where only the plain steps' buckets were updated. Without one, every step goes
+    into moving averages per token-count bucket, interpolated.
+    """
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
-        self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
+        self.buckets: dict[int, list[float]] = {}  # observed: bucket -> [mean tokens, mean seconds]
+        self.calibrated: dict[int, list[float]] = {}  # timed at build: bucket -> [tokens, seconds]
+        self.level: float | None = None  # measured / calibrated seconds of decode steps, moving average
         self._points: tuple[list[float], list[float]] | None = None
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
+    @staticmethod
+    def bucket(num_tokens: float) -> int:
+        return round(math.log2(num_tokens) * PER_OCTAVE)
+
+    def calibrate(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0 and seconds > 0:
+            self.calibrated[self.bucket(num_tokens)] = [float(num_tokens), seconds]
+            self._points = None
+
+    def observe(self, num_tokens: int, seconds: float, *, decode: bool = True) -> None:
+        """A step's forward: ``decode`` when it ran no prefill tokens (only those set a calibrated level)."""
         if num_tokens <= 0 or seconds <= 0:
             return
-        b = round(math.log2(num_tokens) * PER_OCTAVE)
+        if self.calibrated:
+            if decode:
+                ns, ts = monotone(self.calibrated.values())
+                r = seconds / interpolate(ns, ts, bisect.bisect_right(ns, num_tokens), num_tokens)
+                self.level = r if self.level is None else self.level + self.alpha * (r - self.level)
+                self._points = None
+            return
+        b = self.bucket(num_tokens)
         cur = self.buckets.get(b)
         if cur is None:
             self.buckets[b] = [float(num_tokens), seconds]
@@ -46,11 +73,11 @@ class StepCost:
     def points(self) -> tuple[list[float], list[float]]:
         """Token counts and seconds, both ascending: a cost never falls as tokens grow (running maximum)."""
         if self._points is None:
-            ns, ts = [], []
-            for n, t in sorted(self.buckets.values()):
-                ns.append(n)
-                ts.append(max(t, ts[-1]) if ts else t)
-            self._points = (ns, ts)
+            if self.calibrated:
+                ns, ts = monotone(self.calibrated.values())
+                self._points = (ns, [t * (self.level or 1.0) for t in ts])
+            else:
+                self._points = monotone(self.buckets.values())
         return self._points
 
     def __call__(self, num_tokens: float) -> float | None:
@@ -60,6 +87,15 @@ class StepCost:
         run with drafts stops once and measures the plain step instead of assuming its drafts are free."""
         ns, ts = self.points()
         return interpolate(ns, ts, bisect.bisect_right(ns, num_tokens), num_tokens) if ns else None
+
+
+def monotone(points) -> tuple[list[float], list[float]]:
+    """``(tokens, seconds)`` pairs sorted by tokens, the seconds made non-decreasing (running maximum)."""
+    ns, ts = [], []
+    for n, t in sorted(points):
+        ns.append(n)
+        ts.append(max(t, ts[-1]) if ts else t)
+    return ns, ts
 
 
 def interpolate(ns: list[float], ts: list[float], i: int, n: float) -> float:

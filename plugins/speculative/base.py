@@ -73,7 +73,7 @@ class DrafterPlugin(Plugin):
         for n in CALIBRATION:
             seconds = context.time_forward(n) if n <= largest else None
             if seconds is not None:
-                self.step_cost.observe(n, seconds)
+                self.step_cost.calibrate(n, seconds)
 
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
@@ -144,7 +144,7 @@ class DrafterPlugin(Plugin):
 
     @hookimpl
     def step_end(self, stats: StepStats) -> None:
-        self.step_cost.observe(stats.num_forward_tokens, stats.forward_s)
+        self.step_cost.observe(stats.num_forward_tokens, stats.forward_s, decode=stats.num_prefill_tokens == 0)
 
     def budget_snapshot(self) -> dict:
         """What the planner has measured: step seconds per forwarded tokens, drafter seconds per depth by

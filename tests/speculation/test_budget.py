@@ -30,6 +30,20 @@ def test_step_cost_follows_a_changing_machine():
     assert c(8) == pytest.approx(0.2, rel=0.01)
 
 
+def test_calibrated_curve_keeps_its_shape_and_decode_steps_set_its_level():
+    """Build-time timings give the shape (an int8-like cliff past 8 rows); the engine's decode steps, slower
+    with real contexts, scale the whole curve instead of flattening it around the plain steps' own size."""
+    c = StepCost()
+    for n, t in {1: 0.03, 8: 0.07, 12: 0.17, 16: 0.17, 64: 0.3}.items():
+        c.calibrate(n, t)
+    assert c(12) / c(8) == pytest.approx(0.17 / 0.07)
+    for _ in range(30):
+        c.observe(8, 0.14)            # real decode steps of 8 sequences: twice the scratch forward
+    c.observe(2048, 9.0, decode=False)  # a prefill step says nothing about the level
+    assert c(8) == pytest.approx(0.14, rel=0.01) and c(12) / c(8) == pytest.approx(0.17 / 0.07)
+    assert c.buckets == {}  # with a calibrated curve the steps only set its level
+
+
 def test_draft_cost_extrapolates_up_in_the_batch_and_never_down():
     d = DraftCost()
     assert d(8) == 0.0  # unmeasured: drafting once measures it
