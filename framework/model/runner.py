@@ -125,13 +125,13 @@ class ModelRunner:
         """Seconds of one forward of ``num_tokens`` new tokens spread over up to ``max_seqs`` sequences, each
         after ``context`` earlier positions (scratch K/V), a logit row for each new token: what a decode step
         verifying drafts computes. Its second run is timed, the first warming kernels up. None for a compiled
-        runner (a new shape would compile) or a pool too small. Like :meth:`warm_up` it writes only slots of the
-        fresh pool, so it is for build time."""
+        runner (a new shape would compile), a pool too small or sequences longer than ``max_model_len``. Like
+        :meth:`warm_up` it writes only slots of the fresh pool, so it is for build time."""
         seqs = max(1, min(num_tokens, max_seqs))
         width = -(-num_tokens // seqs)
         context = max(0, min(context, self.layout.max_model_len - width))
         blocks = list(range(-(-(context + width) // self.pool.block_size)))
-        if self.compiled or len(blocks) > self.pool.num_blocks:
+        if self.compiled or width > self.layout.max_model_len or len(blocks) > self.pool.num_blocks:
             return None
         rest = num_tokens % width
         items = [([0] * width, context, blocks, width)] * (num_tokens // width) + (

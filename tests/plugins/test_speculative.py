@@ -536,3 +536,5 @@ def test_adaptive_drafter_calibrates_its_step_cost_at_build(tiny_llama_dir, monk
     assert ns[0] == 1 and max(ns) <= pipe.limits.max_num_seqs * 4 and len(ns) >= 6 and all(t > 0 for t in ts)
     with pytest.raises(RuntimeError, match="time_forward is for configure"):
         seen["context"].time_forward(4)
+    runner = pipe.runner  # what cannot be timed is None, never a failed build
+    assert runner.time_forward(runner.layout.max_model_len + 1, 1) is None
