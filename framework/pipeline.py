@@ -101,24 +101,29 @@ class Pipeline:
             if self.runner.compiled or self.runner.attention.needs_warm_up:
                 self.runner.warm_up(self.limits.max_num_seqs)  # compile the decode shapes now, not in a request
             eos = self._eos_ids()
-            building = [True]
-
-            def time_forward(num_tokens: int) -> float | None:
-                if not building[0]:
-                    raise RuntimeError("time_forward is for configure: the KV pool is in use after the build")
-                return self.runner.time_forward(num_tokens, self.limits.max_num_seqs)
-
-            self.pm.hook.configure(context=PipelineContext(
+            self._configure_plugins(PipelineContext(
                 model=model, tokenizer=self.tokenizer, model_name=self.loaded.name, model_path=self.loaded.path,
                 device=self.loaded.device, dtype=self.loaded.dtype, limits=self.limits, kv_spec=kv_spec,
-                kv_pool=pool, progress=progress, eos_token_ids=frozenset(eos), tensor_parallel_size=world,
-                time_forward=time_forward))
-            building[0] = False
+                kv_pool=pool, progress=progress, eos_token_ids=frozenset(eos), tensor_parallel_size=world))
             self.engine = Engine(self.pm, self.runner, self.tokenizer, self.limits, eos_token_ids=eos,
                                  seed=spec.seed)
         except BaseException:
             self.runner.close()  # a tensor-parallel runner's worker ranks stop with the failed build
             raise
+
+    def _configure_plugins(self, context: PipelineContext) -> None:
+        """Call ``configure`` with ``context``; its ``time_forward`` times forwards on the fresh KV pool while
+        the hook runs and refuses afterwards, when sequences hold the pool."""
+        building = True
+
+        def time_forward(num_tokens: int) -> float | None:
+            if not building:
+                raise RuntimeError("time_forward is for configure: the KV pool is in use after the build")
+            return self.runner.time_forward(num_tokens, self.limits.max_num_seqs)
+
+        context.time_forward = time_forward
+        self.pm.hook.configure(context=context)
+        building = False
 
     # ------------------------------------------------------------------ construction
     @property
