@@ -39,6 +39,7 @@ class StepCost:
         self.buckets: dict[int, list[float]] = {}  # observed: bucket -> [mean tokens, mean seconds]
         self.calibrated: dict[int, list[float]] = {}  # timed at build: bucket -> [tokens, seconds]
         self.level: float | None = None  # measured / calibrated seconds of decode steps, moving average
+        self._calibrated: tuple[list[float], list[float]] | None = None  # monotone(calibrated), cached
         self._points: tuple[list[float], list[float]] | None = None
 
     @staticmethod
@@ -48,7 +49,12 @@ class StepCost:
     def calibrate(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0:
             self.calibrated[self.bucket(num_tokens)] = [float(num_tokens), seconds]
-            self._points = None
+            self._calibrated = self._points = None
+
+    def _calibrated_curve(self) -> tuple[list[float], list[float]]:
+        if self._calibrated is None:
+            self._calibrated = monotone(self.calibrated.values())
+        return self._calibrated
 
     def observe(self, num_tokens: int, seconds: float, *, decode: bool = True) -> None:
         """A step's forward: ``decode`` when it ran no prefill tokens (only those set a calibrated level)."""
@@ -56,7 +62,7 @@ class StepCost:
             return
         if self.calibrated:
             if decode:
-                ns, ts = monotone(self.calibrated.values())
+                ns, ts = self._calibrated_curve()
                 r = seconds / interpolate(ns, ts, bisect.bisect_right(ns, num_tokens), num_tokens)
                 self.level = r if self.level is None else self.level + self.alpha * (r - self.level)
                 self._points = None
@@ -74,7 +80,7 @@ class StepCost:
         """Token counts and seconds, both ascending: a cost never falls as tokens grow (running maximum)."""
         if self._points is None:
             if self.calibrated:
-                ns, ts = monotone(self.calibrated.values())
+                ns, ts = self._calibrated_curve()
                 self._points = (ns, [t * (self.level or 1.0) for t in ts])
             else:
                 self._points = monotone(self.buckets.values())

@@ -22,9 +22,9 @@ class DrafterPlugin(Plugin):
     """Subclasses implement :meth:`draft`; this class decides how deep each sequence drafts (0: not at all).
 
     With ``adaptive`` (the default) the depth comes from :func:`tokenmill.speculation.budget.plan_depths`: the
-    step-cost curve measured from the engine's own steps, this drafter's measured cost, and each sequence's
-    measured acceptance, so a large batch drafts little or nothing and a sequence whose drafts keep failing
-    stops drafting. Without it every sequence drafts ``num_speculative_tokens`` deep.
+    step-cost curve (timed at build, its level following the engine's decode steps), this drafter's measured
+    cost, and each sequence's measured acceptance, so a large batch drafts little or nothing and a sequence
+    whose drafts keep failing stops drafting. Without it every sequence drafts ``num_speculative_tokens`` deep.
     """
 
     @dataclass(slots=True)
@@ -92,7 +92,7 @@ class DrafterPlugin(Plugin):
             return None
         cheap = [None if d is None else as_draft(d) for d in self.cheap_drafts(seqs)]
         costly = [d is None for d in cheap]
-        depths = self._plan(seqs, cheap, num_tokens)
+        depths = self._plan(seqs, cheap, costly, num_tokens)
         chosen = [i for i, d in enumerate(depths) if d]
         self.acceptance.relax([s.seq_id for s, d in zip(seqs, depths) if not d])
         made = [i for i in chosen if costly[i]]
@@ -113,7 +113,7 @@ class DrafterPlugin(Plugin):
         self.steps_on += 1
         return out
 
-    def _plan(self, seqs: list[Sequence], cheap: list[Draft | None], num_tokens: int) -> list[int]:
+    def _plan(self, seqs: list[Sequence], cheap: list[Draft | None], costly: list[bool], num_tokens: int) -> list[int]:
         """Each sequence's draft depth this step: planned with ``adaptive``, else the full depth."""
         widths = self.draft_widths()
         if not self.options.adaptive:
@@ -124,7 +124,6 @@ class DrafterPlugin(Plugin):
         for v, d in zip(values, cheap):  # no value past what a draft can hold: a copy's length, draft()'s depth
             n = made_depth if d is None else len(d.tokens)
             v[n:] = [0.0] * (len(v) - n)
-        costly = [d is None for d in cheap]
         return plan_depths(values, widths, num_tokens, self.step_cost, self.draft_cost(sum(costly)), costly=costly)
 
     def _learn(self, seqs: list[Sequence]) -> None:
