@@ -16,12 +16,28 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 
 # -------------------- Build: once per pipeline, while it is built
 
+@hookspec
+def kv_layers(spec):
+    """Declare K/V layers of the plugin's own model to keep in the pipeline's KV blocks, before they are allocated.
+
+    A drafter with its own model (``speculative`` with a draft model) keeps the draft's K/V beside the target's:
+    in the same blocks, addressed through the same block tables, inside the same memory budget. They are counted
+    by ``kv_stats`` and go back with a sequence's blocks on finish, abort or preemption, so the drafter holds no
+    KV of its own. After the build they are ``PipelineContext.kv_pool.extra[owner]``.
+
+    :param spec: the target's :class:`tokenmill.hooktypes.KVCacheSpec` (its ``extra`` still empty).
+    :return: a :class:`tokenmill.hooktypes.KVLayers` (``owner``: the plugin's name; the dtype is the target's),
+        or None. Every implementation is called.
+    """
+
+
 @hookspec(firstresult=True)
 def init_kv_cache(spec):
     """Allocate the KV pool for the pipeline's model, once, at pipeline build.
 
     :param spec: :class:`tokenmill.hooktypes.KVCacheSpec`: layers, KV heads, head size, dtype, device,
-        max model length and max concurrent sequences.
+        max model length and max concurrent sequences, and the layers plugins declared through ``kv_layers``
+        (``spec.extra``: ``spec.allocate`` lays them out; ``spec.bytes_per_token`` counts them).
     :return: :class:`tokenmill.hooktypes.KVPool` whose tensors the model runner reads and writes.
         First non-None result wins.
     """
@@ -213,7 +229,7 @@ def clear_prefix_cache():
 
 
 @hookspec(firstresult=True)
-def propose_tokens(seqs, num_tokens):
+def propose_tokens(seqs, num_tokens, hidden, kv):
     """Propose draft tokens for the sequences that produce a token this step.
 
     :param seqs: list of :class:`tokenmill.sequence.Sequence` that produce a token this step: decodes and
@@ -221,6 +237,14 @@ def propose_tokens(seqs, num_tokens):
     :param num_tokens: tokens the step forwards before any draft (every scheduled sequence's, prefill chunks
         included): what drafts add to, for a drafter that weighs their cost
         (:mod:`tokenmill.speculation.budget`; ``StepStats.num_forward_tokens`` reports the total afterwards).
+    :param hidden: a list parallel to ``seqs``: the target's final (normed) hidden state, a ``[hidden_size]``
+        tensor, at the position whose logits gave the sequence's last token, i.e. the state the next token is
+        predicted from (what Medusa heads read); None for a sequence with no forward since its admission
+        (its prompt's last chunk runs in this step). Read-only.
+    :param kv: the :class:`tokenmill.hooktypes.KVHandle` schedulers get. A drafter whose model writes K/V into
+        the sequences' blocks (layers declared through ``kv_layers``, or the target's own for a self-draft)
+        reserves the slots of the positions it drafts at with ``kv.allocate(seq, n)`` first; the engine's own
+        reservation for the drafts then finds them in place, and ``trim_kv`` returns what goes unused.
     :return: a list parallel to ``seqs``, each a :class:`tokenmill.speculation.Draft` (tokens and, for a
         sampling drafter, the distributions they were drawn from; or a tree of deterministic drafts through
         ``Draft.parents``, verified in one forward under a tree attention mask) or a plain token-id list

@@ -83,6 +83,19 @@ class SchedulerOutput:
 
 
 @dataclass(slots=True, frozen=True)
+class KVLayers:
+    """K/V layers a plugin's own model keeps in the pipeline's KV blocks (``kv_layers``): a draft model's.
+
+    They share the target's block tables: token ``p`` of a sequence lives at the same row of these layers as of
+    the target's, so the blocks a sequence holds carry both, are counted once and go back together."""
+
+    owner: str          # the declaring plugin's name: its layers are ``KVPool.extra[owner]``
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(slots=True, frozen=True)
 class KVCacheSpec:
     """Shape of the KV cache a model needs; given to ``init_kv_cache``."""
 
@@ -93,11 +106,28 @@ class KVCacheSpec:
     device: torch.device
     max_model_len: int
     max_num_seqs: int
+    extra: tuple[KVLayers, ...] = ()  # plugins' layers in the same blocks (``kv_layers``), in the same dtype
 
     @property
     def bytes_per_token(self) -> int:
+        """K/V bytes one token slot holds, over the target's layers and every extra one."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        shapes = [(self.num_layers, self.num_kv_heads, self.head_dim)]
+        shapes += [(x.num_layers, x.num_kv_heads, x.head_dim) for x in self.extra]
+        return sum(2 * layers * heads * dim * elem for layers, heads, dim in shapes)
+
+    def allocate(self, num_blocks: int, block_size: int) -> "KVPool":
+        """A zero-filled pool of ``num_blocks`` blocks: the target's layers and, in ``extra``, each declared set
+        of layers over the same rows (what a KV plugin's ``init_kv_cache`` returns)."""
+        def layers(count: int, heads: int, dim: int) -> list[torch.Tensor]:
+            return [torch.zeros((num_blocks * block_size, heads, dim), dtype=self.dtype, device=self.device)
+                    for _ in range(count)]
+
+        extra = {x.owner: KVPool(layers(x.num_layers, x.num_kv_heads, x.head_dim),
+                                 layers(x.num_layers, x.num_kv_heads, x.head_dim), block_size, num_blocks)
+                 for x in self.extra}
+        return KVPool(layers(self.num_layers, self.num_kv_heads, self.head_dim),
+                      layers(self.num_layers, self.num_kv_heads, self.head_dim), block_size, num_blocks, extra)
 
 
 @dataclass(slots=True)
@@ -105,17 +135,21 @@ class KVPool:
     """Preallocated K/V storage: per layer a tensor of ``[num_blocks * block_size, num_kv_heads, head_dim]``.
 
     Token ``p`` of a sequence with block table ``bt`` lives at row ``bt[p // block_size] * block_size +
-    p % block_size``. Rows never written are zero, so masked reads stay finite.
+    p % block_size``. Rows never written are zero, so masked reads stay finite. ``extra`` holds the layers
+    plugins declared (``KVCacheSpec.extra``), by owner, over the same blocks and block tables.
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     block_size: int
     num_blocks: int
+    extra: dict[str, "KVPool"] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes of every layer, the extra ones included."""
+        own = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return own + sum(pool.nbytes for pool in self.extra.values())
 
 
 @dataclass(slots=True)
@@ -186,8 +220,9 @@ class PipelineContext:
     dtype: torch.dtype
     limits: SchedulerLimits
     kv_spec: KVCacheSpec
-    # the target's KV pool, to read only: a sequence's first ``num_computed_tokens`` positions hold its K/V at
-    # the rows its ``block_table`` gives (a self-draft copies them instead of recomputing them)
+    # the pipeline's KV pool: a sequence's first ``num_computed_tokens`` positions hold the target's K/V at the
+    # rows its ``block_table`` gives (read them; a self-draft may write only the slots it reserved past those,
+    # which the target overwrites); ``extra[owner]``: the layers a plugin declared through ``kv_layers``
     kv_pool: KVPool | None = None
     progress: bool = False     # whether the build may print what it prepares (False under --quiet)
     eos_token_ids: frozenset[int] = frozenset()  # the tokens that end a request (unless it ignores EOS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence as Seq
 
@@ -11,7 +12,7 @@ import torch
 
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.outputs import RequestOutput, StreamChunk
-from tokenmill.errors import RequestError
+from tokenmill.errors import PipelineError, RequestError
 from tokenmill.host import call_each, instantiate, make_plugin_manager
 from tokenmill.hooktypes import CalibrationContext, PipelineContext, SchedulerLimits
 from tokenmill.model import LoadedModel, ModelRunner, load_model
@@ -81,8 +82,13 @@ class Pipeline:
             self.limits = SchedulerLimits(spec.limits.max_num_seqs, spec.limits.max_num_batched_tokens, max_len)
             kv_spec = ModelRunner.kv_spec(model, dtype=self.loaded.dtype, device=self.loaded.device,
                                           max_model_len=max_len, max_num_seqs=spec.limits.max_num_seqs)
+            kv_spec = replace(kv_spec, extra=tuple(x for x in self.pm.hook.kv_layers(spec=kv_spec) if x))
             pool = self.pm.hook.init_kv_cache(spec=kv_spec)
             assert pool is not None, "no plugin answered init_kv_cache"
+            missing = [x.owner for x in kv_spec.extra if x.owner not in pool.extra]
+            if missing:
+                raise PipelineError(f"the KV plugin's init_kv_cache did not allocate the layers {missing} declared "
+                                    "through kv_layers (KVCacheSpec.extra; KVCacheSpec.allocate lays them out)")
             options = dict(attention=spec.attention, compile_spec=spec.compile, max_model_len=max_len)
             if group is None:
                 self.runner = ModelRunner(model, pool, **options)

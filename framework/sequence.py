@@ -43,7 +43,6 @@ class Sequence:
     emitted_len: int = 0
     detok: Any = None
     user_data: dict = field(default_factory=dict)
-    last_hidden: Any = None  # final hidden state at the last accepted token (drives Medusa heads)
     logprobs: list | None = None  # TokenLogprob per generated token, when params.logprobs is not None
     num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (latest admission)
 

@@ -47,6 +47,8 @@ class Engine:
         self.step_count = 0
         self.idle = False  # the last step scheduled nothing
         self._outbox: dict[str, StreamChunk] = {}  # chunks of requests finished between steps (abort)
+        # per running sequence: the final hidden state its last token was predicted from (propose_tokens' hidden)
+        self._hidden: dict[int, torch.Tensor] = {}
         self.request_args = declared_args(pm)  # plugin_args keys the plugins declared -> description
 
     # ----------------------------------------------------------------- requests
@@ -195,7 +197,7 @@ class Engine:
                     raise RuntimeError(f"verify_tokens returned {len(toks)} tokens for {len(drafted)} drafts "
                                        "(allowed: 1 to drafts + 1)")
                 rows = [0] + [j + 1 for j in paths[i]] if i in paths else list(range(len(toks)))
-                seq.last_hidden = hidden[verify.row_start[i] + rows[-1]]
+                self._hidden[seq.seq_id] = hidden[verify.row_start[i] + rows[-1]]
                 seq.num_computed_tokens += s.num_new_tokens + len(toks) - 1
                 if drafted:  # a tree counts the positions it speculated on (its depth)
                     depth = len(drafted) if tree is None else max(Draft(drafted, parents=tree).depths())
@@ -282,7 +284,8 @@ class Engine:
         if not seqs:
             return []
         try:
-            proposals = self.hook.propose_tokens(seqs=seqs, num_tokens=num_tokens)
+            proposals = self.hook.propose_tokens(seqs=seqs, num_tokens=num_tokens, kv=self.kv,
+                                                 hidden=[self._hidden.get(s.seq_id) for s in seqs])
         except Exception as exc:  # a failing drafter costs speed, not requests
             self._warn(blame(exc, "propose_tokens"), "this step runs without drafts")
             proposals = None
@@ -357,6 +360,7 @@ class Engine:
 
     def _free(self, seq: Sequence, reusable: bool = True) -> None:
         """Give ``seq``'s KV back through every ``free_kv`` implementation, even if one of them raises."""
+        self._hidden.pop(seq.seq_id, None)
         for failure in call_each(self.pm, "free_kv", seq=seq, reusable=reusable):
             self._warn(failure, f"request '{seq.request_id}' may keep KV blocks it held")
         seq.block_table = []

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from tokenmill.hooktypes import KVAllocation, KVCacheSpec, KVPool
 from tokenmill.plugin import Plugin, hookimpl
 from tokenmill.sequence import Sequence
@@ -36,10 +34,7 @@ class ContiguousKV(Plugin):
     @hookimpl(trylast=True)
     def init_kv_cache(self, spec: KVCacheSpec) -> KVPool:
         rows = self.options.max_num_seqs or spec.max_num_seqs
-        shape = (rows * spec.max_model_len, spec.num_kv_heads, spec.head_dim)
-        make = lambda: torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # noqa: E731
-        self.pool = KVPool([make() for _ in range(spec.num_layers)], [make() for _ in range(spec.num_layers)],
-                           block_size=spec.max_model_len, num_blocks=rows)
+        self.pool = spec.allocate(rows, spec.max_model_len)
         self.free_rows = list(range(rows - 1, -1, -1))
         return self.pool
 
@@ -82,4 +77,5 @@ class ContiguousKV(Plugin):
             "allocated_token_slots": used * self.pool.block_size,
             "used_token_slots": sum(self.reserved.values()),
             "pool_bytes": self.pool.nbytes,
+            "extra_bytes": {owner: pool.nbytes for owner, pool in self.pool.extra.items()},
         }

@@ -75,11 +75,7 @@ class PagedKV(Plugin):
     @hookimpl
     def init_kv_cache(self, spec: KVCacheSpec) -> KVPool:
         n = self._num_blocks(spec)
-        rows = n * self.options.block_size
-        shape = (rows, spec.num_kv_heads, spec.head_dim)
-        make = lambda: torch.zeros(shape, dtype=spec.dtype, device=spec.device)  # noqa: E731
-        self.pool = KVPool([make() for _ in range(spec.num_layers)], [make() for _ in range(spec.num_layers)],
-                           block_size=self.options.block_size, num_blocks=n)
+        self.pool = spec.allocate(n, self.options.block_size)
         self.manager = BlockManager(n, self.options.block_size, prefix_caching=self.options.prefix_caching)
         return self.pool
 
@@ -124,6 +120,7 @@ class PagedKV(Plugin):
             "allocated_token_slots": used * m.block_size,
             "used_token_slots": m.used_slots(),
             "pool_bytes": self.pool.nbytes,
+            "extra_bytes": {owner: pool.nbytes for owner, pool in self.pool.extra.items()},
             "prefix_caching": m.prefix_caching,
             "prefix_queries_tokens": m.queries, "prefix_hits_tokens": m.hits,
             "prefix_hit_rate": m.hits / m.queries if m.queries else 0.0,

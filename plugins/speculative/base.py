@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tokenmill.hooktypes import PipelineContext, StepStats
+from tokenmill.hooktypes import KVHandle, PipelineContext, StepStats
 from tokenmill.plugin import Plugin, hookimpl
 from tokenmill.sequence import Sequence
 from tokenmill.speculation import Draft
@@ -49,9 +49,11 @@ class DrafterPlugin(Plugin):
         self.steps_on = 0
         self.steps_off = 0
 
-    def draft(self, seqs: list[Sequence], depth: int) -> list:
+    def draft(self, seqs: list[Sequence], depth: int, *, hidden: list, kv: KVHandle) -> list:
         """Drafts for ``seqs``, at most ``depth`` deep (deeper ones are cut): a list parallel to ``seqs`` of
-        :class:`Draft` or token lists. Its time is measured as the drafter's cost."""
+        :class:`Draft` or token lists. ``hidden`` and ``kv`` are ``propose_tokens``' (``hidden`` narrowed to
+        ``seqs``): the target's hidden state per sequence, and the KV handle to reserve the slots a draft model
+        writes. Its time is measured as the drafter's cost."""
         raise NotImplementedError
 
     def cheap_drafts(self, seqs: list[Sequence]) -> list:
@@ -84,7 +86,7 @@ class DrafterPlugin(Plugin):
         return True
 
     @hookimpl
-    def propose_tokens(self, seqs: list[Sequence], num_tokens: int):
+    def propose_tokens(self, seqs: list[Sequence], num_tokens: int, hidden: list, kv: KVHandle):
         self._learn(seqs)
         too_many = self.batch_limit is not None and len(seqs) > self.batch_limit
         if not self.ready() or too_many or not any(s.num_output_tokens > 0 for s in seqs):
@@ -99,7 +101,8 @@ class DrafterPlugin(Plugin):
         if made:
             deepest = max(depths[i] for i in made)
             t0 = time.perf_counter()
-            for i, d in zip(made, self.draft([seqs[i] for i in made], deepest)):
+            drafts = self.draft([seqs[i] for i in made], deepest, hidden=[hidden[i] for i in made], kv=kv)
+            for i, d in zip(made, drafts):
                 cheap[i] = as_draft(d)
             self.draft_cost.observe(len(made), deepest, time.perf_counter() - t0)
         out = [Draft([]) for _ in seqs]

@@ -11,11 +11,13 @@ like the target's compiled decode path): drafting is k sequential small forwards
 dominates, so it pays even when the target runs eagerly. With ``compile_draft`` and no ``max_batch_size``,
 steps of more than ``DRAFT_BUCKETS[-1]`` sequences do not speculate (the draft's eager path is slower there).
 
-A self-draft shares the target's K/V (``share_kv``, on by default for self-drafts): every position the target
-has computed is copied from the target's pool into the draft's rows instead of being recomputed by the draft,
-so the draft never prefills a prompt (that would cost about as much as the target's own prefill) nor catches
-up on accepted tokens; it runs only its k single-token steps, on the target's exact K/V. The step in which a
-prompt's prefill runs (its K/V not yet computed) gets no drafts.
+The draft's K/V live in the pipeline's KV blocks (:mod:`tokenmill.plugins.speculative.draft_runner`): a draft
+model's own layers are declared through ``kv_layers`` and allocated beside the target's, inside the pipeline's
+KV budget. A self-draft shares the target's K/V instead (``share_kv``, on by default for self-drafts): it reads
+the target's layers in place for every position the target has computed, so it needs no KV of its own, never
+prefills a prompt (that would cost about as much as the target's own prefill) nor catches up on accepted
+tokens; it runs only its k single-token steps, on the target's exact K/V. The step in which a prompt's
+prefill runs (its K/V not yet computed) gets no drafts.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ from typing import Literal
 import torch
 
 from tokenmill.errors import PipelineError
-from tokenmill.hooktypes import PipelineContext
+from tokenmill.hooktypes import KVCacheSpec, KVHandle, KVLayers, PipelineContext
 from tokenmill.speculation import Draft
+from tokenmill.model import ModelRunner, load_model
 from tokenmill.options import ModelRef
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.speculative.base import DrafterPlugin
@@ -94,7 +97,8 @@ class Speculative(DrafterPlugin):
         # a sequence the draft has not caught up on (its prompt, at first) is drafted for only once it may still
         # generate at least 1/ratio as many tokens as the draft must prefill for it (null: always)
         max_catch_up_ratio: float | None = 4.0
-        # a self-draft copies the K/V the target computed instead of recomputing them (null: on for self-drafts)
+        # a self-draft reads the target's K/V in place and writes its drafts' into the target's layers, keeping
+        # none of its own (null: on for self-drafts)
         share_kv: bool | None = None
         # compile_draft: compile the draft's graphs in a background thread while requests run without
         # speculation (background), or before the build returns (build)
@@ -116,6 +120,8 @@ class Speculative(DrafterPlugin):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.runner: DraftModelRunner | None = None
+        self.shared = False    # the draft reads and writes the target's own K/V layers
+        self._loaded = None    # a separate draft model, loaded when it declares its K/V layers
         self._warming: threading.Thread | None = None
         self._warm = threading.Event()
         self._warm.set()
@@ -124,22 +130,40 @@ class Speculative(DrafterPlugin):
         self._warned = False
 
     @hookimpl
+    def kv_layers(self, spec: KVCacheSpec) -> KVLayers | None:
+        """The draft's K/V layers in the pipeline's blocks: a draft model's own; none for a self-draft sharing
+        the target's. Loads a separate draft model now (its layout sizes the layers)."""
+        opts = self.options
+        self.shared = opts.draft in SELF_DRAFTS if opts.share_kv is None else opts.share_kv
+        if self.shared and opts.draft not in SELF_DRAFTS:
+            raise PipelineError(f"share_kv: true needs a self-draft ({', '.join(SELF_DRAFTS)}); the draft model "
+                                f"'{opts.draft}' has its own weights and so its own K/V")
+        if self.shared:
+            return None
+        if opts.draft in SELF_DRAFTS:
+            return KVLayers(self.name, spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        self._loaded = load_model(opts.draft, dtype=str(spec.dtype).removeprefix("torch."), device=str(spec.device),
+                                  progress=False)
+        own = ModelRunner.kv_spec(self._loaded.model, dtype=spec.dtype, device=spec.device,
+                                  max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs)
+        return KVLayers(self.name, own.num_layers, own.num_kv_heads, own.head_dim)
+
+    @hookimpl
     def configure(self, context: PipelineContext) -> None:
         opts = self.options
         if opts.draft in SELF_DRAFTS and context.tensor_parallel_size > 1:
             raise PipelineError(f"the self-draft '{opts.draft}' cannot run with tensor_parallel_size "
                                 f"{context.tensor_parallel_size}: it copies the target's layers, of which this rank "
                                 "holds a slice; use prompt_lookup or a separate draft model (draft: PATH)")
+        if context.kv_pool is None:
+            raise PipelineError("speculative needs the pipeline's KV pool (PipelineContext.kv_pool) for its draft")
         if opts.draft in SELF_DRAFTS:
             qname = SELF_DRAFTS[opts.draft]
             model = quantized_copy(context.model, qname,
                                    self_draft_options(qname, context.model.config.vocab_size,
                                                       opts.draft_quant_options))
         else:
-            from tokenmill.model import load_model
-
-            loaded = load_model(opts.draft, dtype=str(context.dtype).removeprefix("torch."),
-                                device=str(context.device), progress=False)
+            loaded, self._loaded = self._loaded, None
             if loaded.tokenizer.get_vocab() != context.tokenizer.get_vocab():
                 raise PipelineError(
                     f"draft model '{opts.draft}' does not share the target's tokenizer vocabulary "
@@ -150,17 +174,9 @@ class Speculative(DrafterPlugin):
         # width and key length would recompile for minutes under a changing batch; larger batches run eagerly
         compile_spec = CompileSpec(enabled=True, mode=opts.compile_mode, dynamic=True,
                                    buckets=DRAFT_BUCKETS) if opts.compile_draft else None
-        if opts.share_kv is None:
-            share = opts.draft in SELF_DRAFTS and context.kv_pool is not None
-        else:
-            share = opts.share_kv
-        if share and opts.draft not in SELF_DRAFTS:
-            raise PipelineError(f"share_kv: true needs a self-draft ({', '.join(SELF_DRAFTS)}); the draft model "
-                                f"'{opts.draft}' has its own weights and so its own K/V")
-        if share and context.kv_pool is None:
-            raise PipelineError("share_kv: this pipeline gives plugins no KV pool to share")
-        self.runner = DraftModelRunner(model, context.limits.max_num_seqs, context.limits.max_model_len,
-                                       compile_spec=compile_spec, target=context.kv_pool if share else None)
+        pool = context.kv_pool if self.shared else context.kv_pool.extra[self.name]
+        self.runner = DraftModelRunner(model, pool, shared=self.shared, max_len=context.limits.max_model_len,
+                                       compile_spec=compile_spec)
         self.calibrate(context)  # before a background warm-up competes for the cores
         # CUDA graphs (reduce-overhead) are recorded per thread: compile them on the thread that runs them
         if opts.compile_draft and opts.warm_up == "background" and opts.compile_mode != "reduce-overhead":
@@ -174,6 +190,11 @@ class Speculative(DrafterPlugin):
             # above the largest bucket the draft runs eagerly (and its quantized kernels would compile inside
             # timed steps): no speculation there unless max_batch_size asks for it
             self.batch_limit = DRAFT_BUCKETS[-1]
+
+    @hookimpl
+    def free_kv(self, seq: Sequence, reusable: bool) -> None:
+        if self.runner is not None:  # the draft's K/V in the sequence's blocks go back with them
+            self.runner.forget(seq.seq_id)
 
     def _warm_up(self, progress: bool) -> None:
         """Compile the draft's graphs (the draft runner's warm-up), reporting what it does and for how long."""
@@ -234,7 +255,7 @@ class Speculative(DrafterPlugin):
                   for s in seqs]
         return [Draft(c, kind=COPY) if c else None for c in copies]
 
-    def draft(self, seqs: list[Sequence], depth: int) -> list[Draft]:
+    def draft(self, seqs: list[Sequence], depth: int, *, hidden: list, kv: KVHandle) -> list[Draft]:
         assert self.runner is not None, "configure was not called"
         o = self.options
-        return self.runner.propose(seqs, min(depth, o.num_speculative_tokens), o.max_catch_up_ratio)
+        return self.runner.propose(seqs, min(depth, o.num_speculative_tokens), kv, o.max_catch_up_ratio)

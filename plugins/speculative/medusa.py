@@ -3,7 +3,8 @@
 Head ``k`` is ``k_layers`` residual blocks ``x + SiLU(W x + b)`` (``W`` zero-initialised, so an untrained
 head starts as the base model's own next-token prediction) followed by the base model's LM head (shared,
 frozen; restricted to the heads' draft vocabulary when they were trained with one). Reading the hidden state
-at the last accepted token ``p`` (whose logits gave token ``p+1``) and, for heads trained with
+the engine hands drafters (``propose_tokens``' ``hidden``: the target's final state at the last accepted token
+``p``, whose logits gave token ``p+1``) and, for heads trained with
 ``token_input``, the embedding of token ``p+1`` (the decode token, known when drafting), head ``k`` predicts
 token ``p+2+k``. Training: :mod:`tokenmill.plugins.speculative.medusa_train` (``tokenmill train-medusa``).
 Drafts form a candidate tree (``tree``: paths of top-k ranks, e.g. ``[0, 1]`` = head 0's best token followed
@@ -238,12 +239,12 @@ class Medusa(DrafterPlugin):
         return [sum(len(p) == d for p in self.tree[0]) for d in range(1, self.k + 1)]
 
     @torch.inference_mode()
-    def draft(self, seqs: list[Sequence], depth: int) -> list:
-        ready = [i for i, s in enumerate(seqs) if s.last_hidden is not None]
+    def draft(self, seqs: list[Sequence], depth: int, *, hidden: list, kv) -> list:
+        ready = [i for i, h in enumerate(hidden) if h is not None]
         out: list[list[int]] = [[] for _ in seqs]
         if not ready:
             return out
-        h = torch.stack([seqs[i].last_hidden for i in ready])
+        h = torch.stack([hidden[i] for i in ready])
         e = None
         if self.heads.token_input:  # the token the state's logits gave: the decode token, not yet computed
             e = self.embed(torch.tensor([seqs[i].token_ids[-1] for i in ready], device=h.device)).to(h.dtype)

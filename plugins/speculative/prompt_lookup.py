@@ -59,9 +59,12 @@ class PromptLookup(DrafterPlugin):
                 raise ValueError(f"short_draft_tokens must be >= 1, got {self.short_draft_tokens}")
 
     def cheap_drafts(self, seqs: list[Sequence]) -> list[Draft]:
-        return self.draft(seqs, self.options.num_speculative_tokens)  # a lookup costs next to nothing
+        return self.copies(seqs, self.options.num_speculative_tokens)  # a lookup costs next to nothing
 
-    def draft(self, seqs: list[Sequence], depth: int) -> list[Draft]:
+    def draft(self, seqs: list[Sequence], depth: int, *, hidden: list, kv) -> list[Draft]:
+        return self.copies(seqs, depth)
+
+    def copies(self, seqs: list[Sequence], depth: int) -> list[Draft]:
         """Each sequence's copy (empty: no match), of kind the n-gram length it matched."""
         o = self.options
         full = o.full_draft_ngram or o.max_ngram

@@ -50,9 +50,9 @@ def test_heads_read_at_decode_what_they_were_trained_on(tiny_llama_dir, trained_
     medusa = pipe.plugins["medusa"]
     draft = medusa.draft
 
-    def recording(seqs, depth):
-        seen.extend((list(s.token_ids), s.last_hidden.clone()) for s in seqs if s.last_hidden is not None)
-        return draft(seqs, depth)
+    def recording(seqs, depth, *, hidden, kv):
+        seen.extend((list(s.token_ids), h.clone()) for s, h in zip(seqs, hidden) if h is not None)
+        return draft(seqs, depth, hidden=hidden, kv=kv)
 
     medusa.draft = recording
     pipe.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))

@@ -167,6 +167,11 @@ def test_draws_are_a_function_of_seed_and_position_only():
     assert sampling.draw(zeroed / zeroed.sum(), 7, 0) != a[0]                 # a zero-probability token never wins
 
 
+def ask(drafter, seqs, num_tokens):
+    """``propose_tokens`` as the engine calls it, for sequences without hidden states and no KV to reserve."""
+    return drafter.propose_tokens(seqs=seqs, num_tokens=num_tokens, hidden=[None] * len(seqs), kv=None)
+
+
 def test_adaptive_drafter_learns_acceptance_per_sequence_and_plans_depths():
     """``adaptive``: the drafter learns each sequence's acceptance from the tokens it gained after a draft,
     feeds the step-cost curve from ``step_end``, and gives a sequence whose drafts keep failing no draft while
@@ -178,7 +183,7 @@ def test_adaptive_drafter_learns_acceptance_per_sequence_and_plans_depths():
     class Fives(DrafterPlugin):
         name = "fives"
 
-        def draft(self, seqs, depth):
+        def draft(self, seqs, depth, *, hidden, kv):
             return [[5] * depth for _ in seqs]
 
     plugin = Fives(DrafterPlugin.Options(num_speculative_tokens=4))
@@ -189,20 +194,20 @@ def test_adaptive_drafter_learns_acceptance_per_sequence_and_plans_depths():
     for n in (2, 4, 8, 16):  # a verify token costs a tenth of a decode step
         plugin.step_end(StepStats(1, 2, 0, 2, 2, 64, 0.0, 0.1 + 0.01 * n, 0, 2, 0, num_forward_tokens=n))
     for _ in range(6):
-        drafts = plugin.propose_tokens(seqs=[good, bad], num_tokens=2)
+        drafts = ask(plugin, [good, bad], 2)
         assert drafts is not None
         good.token_ids += drafts[0].tokens + [0]  # every draft of `good` accepted
         bad.token_ids += [0]  # every draft of `bad` rejected at its first token
     assert plugin.acceptance.rate(good.seq_id) > 0.8 > 0.4 > plugin.acceptance.rate(bad.seq_id)
-    drafts = plugin.propose_tokens(seqs=[good, bad], num_tokens=2)
+    drafts = ask(plugin, [good, bad], 2)
     assert len(drafts[0].tokens) == 4 and drafts[1].tokens == []
     # a batch of 64 where every forwarded token costs as much as a decode row: no speculation at all
     for n in (64, 128, 256, 512):
         plugin.step_end(StepStats(1, 64, 0, 64, 64, 512, 0.0, 0.01 * n, 0, 64, 0, num_forward_tokens=n))
     before = plugin.steps_off
-    assert plugin.propose_tokens(seqs=[good] * 64, num_tokens=64) is None and plugin.steps_off == before + 1
+    assert ask(plugin, [good] * 64, 64) is None and plugin.steps_off == before + 1
     good.status = bad.status = SeqStatus.FINISHED
-    plugin.propose_tokens(seqs=[], num_tokens=0)
+    ask(plugin, [], 0)
     assert not plugin._drafted  # finished sequences are forgotten
 
 
@@ -224,7 +229,7 @@ def test_compiled_self_draft_is_exact_and_accepted(tiny_llama_dir, reference):
 
     assert drafter.batch_limit == 16
     seqs = [SimpleNamespace(seq_id=i, num_tokens=4, num_output_tokens=1) for i in range(17)]
-    assert drafter.propose_tokens(seqs=seqs, num_tokens=17) is None
+    assert ask(drafter, seqs, 17) is None
 
 
 def test_self_draft_defaults_and_overrides():
@@ -247,8 +252,8 @@ def test_prompt_lookup_caps_drafts_of_short_matches():
     strong = Sequence(0, "a", [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], SamplingParams(max_tokens=4), 0.0)
     weak = Sequence(1, "b", [5, 6, 7, 5], SamplingParams(max_tokens=4), 0.0)
     Draft = speculation.Draft
-    assert plugin.draft([strong, weak], 4) == [Draft([7, 8, 1, 2], kind=3), Draft([6], kind=1)]  # kind: the n-gram
-    assert plugin.draft([strong, weak], 2) == [Draft([7, 8], kind=3), Draft([6], kind=1)]
+    assert plugin.copies([strong, weak], 4) == [Draft([7, 8, 1, 2], kind=3), Draft([6], kind=1)]  # kind: the n-gram
+    assert plugin.copies([strong, weak], 2) == [Draft([7, 8], kind=3), Draft([6], kind=1)]
     with pytest.raises(ValueError, match="short_draft_tokens must be >= 1"):
         PromptLookup.Options(short_draft_tokens=0)
     with pytest.raises(ValueError, match="full_draft_ngram must be in 1..max_ngram"):
@@ -375,16 +380,18 @@ def test_draft_model_skips_sequences_whose_catch_up_would_not_pay(tiny_llama_dir
 
 @pytest.mark.parametrize("layout", ["paged", "contiguous"])
 def test_self_draft_shares_the_targets_kv(tiny_llama_dir, reference, layout):
-    """A self-draft copies the K/V the target computed instead of recomputing them: it never runs more than
-    SHARED_MAX_NEW tokens per sequence in a forward (no prompt prefill, no catch-up), its rows hold the
-    target's K/V for every computed position, and greedy output equals plain decoding (batch 1 and mixed)."""
+    """A self-draft runs on the target's own K/V layers: it keeps no KV of its own, never runs more than
+    SHARED_MAX_NEW tokens per sequence in a forward (no prompt prefill, no catch-up), and greedy output equals
+    plain decoding (batch 1 and mixed) although its drafts' K/V go to the target's slots ahead of the verify."""
     from tokenmill.plugins.speculative.draft_runner import SHARED_MAX_NEW
 
     plugins = [{"speculative": {"draft": "self_int8", "adaptive": False}}] + (PAGED if layout == "paged" else [])
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
     runner = pipe.pm.get_plugin("speculative").runner
-    assert runner.target is pipe.runner.pool
-    widths, seen = [], {}
+    assert runner.shared and runner.runner.pool is pipe.runner.pool
+    kv = pipe.stats()["kv"]
+    assert kv["extra_bytes"] == {} and kv["pool_bytes"] == pipe.runner.pool.nbytes
+    widths = []
     forward = runner._forward
 
     def spy(items):
@@ -403,20 +410,65 @@ def test_self_draft_shares_the_targets_kv(tiny_llama_dir, reference, layout):
     assert spec["draft_tokens"] > 0 and spec["acceptance_rate"] > 0.5
     assert pipe.stats()["kv"]["used_blocks"] == 0
 
-    # the copied positions of a sequence's draft row are the target's K/V (checked mid-generation)
-    pipe.submit(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))
-    for _ in range(3):
+
+def test_draft_models_kv_lives_in_the_pipelines_blocks_and_budget(tiny_llama_dir, other_tiny):
+    """A draft model declares its K/V layers (``kv_layers``): they are allocated beside the target's, over the
+    same blocks, so ``kv_stats`` counts them and a memory budget pays for them (fewer blocks fit)."""
+    budget = {"paged_kv": {"block_size": 4, "kv_memory_gb": 0.001}}
+    plain = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[{"continuous_batching": {}}, budget]),
+                               progress=False)
+    plugins = [{"speculative": {"draft": str(other_tiny), "adaptive": False}}, {"continuous_batching": {}}, budget]
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    draft = pipe.runner.pool.extra["speculative"]
+    assert pipe.pm.get_plugin("speculative").runner.runner.pool is draft
+    assert len(draft.k) == 1 and draft.k[0].shape[0] == pipe.runner.pool.k[0].shape[0]  # the draft's 1 layer
+    kv, kv_plain = pipe.stats()["kv"], plain.stats()["kv"]
+    assert kv["extra_bytes"] == {"speculative": draft.nbytes} and kv["pool_bytes"] == pipe.runner.pool.nbytes
+    assert kv["num_blocks"] < kv_plain["num_blocks"] and kv["pool_bytes"] <= 0.001 * 2**30
+    # a self-draft that does not share keeps the target's layout in its own layers
+    own = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[
+        {"speculative": {"draft": "self_int8", "share_kv": False, "adaptive": False}}] + PAGED), progress=False)
+    assert len(own.runner.pool.extra["speculative"].k) == len(own.runner.pool.k)
+
+
+@pytest.mark.parametrize("drafter", ["draft_model_other", "self_shared"])
+def test_random_aborts_leak_no_kv_and_keep_survivors_exact(tiny_llama_dir, other_tiny, reference, drafter):
+    """200 random aborts amid speculating requests (own draft layers, or a self-draft on the target's layers):
+    every block comes back, the draft forgets every sequence, and the requests left alone stay exact."""
+    import random
+
+    spec = drafters(tiny_llama_dir, other_tiny)["draft_model_other"] if drafter == "draft_model_other" else \
+        {"speculative": {"draft": "self_int8", "adaptive": False}}
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=[spec] + PAGED), progress=False)
+    runner, manager = pipe.pm.get_plugin("speculative").runner, pipe.pm.get_plugin("paged_kv").manager
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    which, aborted, done = {}, 0, []
+    while aborted < 200:
+        while len(pipe.engine.waiting) + len(pipe.engine.running) < 6:
+            i = rng.randrange(len(PROMPTS))
+            which[pipe.submit(PROMPTS[i], params)] = i
         pipe.step()
-    seq = pipe.engine.running[0]
-    upto = runner.synced[seq.seq_id]
-    assert upto > len(pipe.encode(PROMPTS[0]))
-    pool, bs, row = pipe.runner.pool, pipe.runner.pool.block_size, runner.rows[seq.seq_id][1]
-    slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(upto)])
-    for layer in range(len(pool.k)):
-        torch.testing.assert_close(runner.runner.pool.k[layer][row * runner.max_len:][:upto], pool.k[layer][slots])
-        torch.testing.assert_close(runner.runner.pool.v[layer][row * runner.max_len:][:upto], pool.v[layer][slots])
+        live = [s.request_id for s in pipe.engine.running if not s.is_finished]
+        for rid in rng.sample(live, k=min(len(live), rng.choice([0, 0, 1, 2]))):
+            aborted += pipe.abort(rid)
+        for rid, seq in list(pipe.engine.requests.items()):
+            if seq.is_finished:
+                out = pipe.collect(rid)
+                if out.finish_reason != "abort":
+                    done.append((which[rid], out.token_ids))
+        manager.check()
     while pipe.engine.has_unfinished():
         pipe.step()
+    for rid in list(pipe.engine.requests):
+        out = pipe.collect(rid)
+        if out.finish_reason != "abort":
+            done.append((which[rid], out.token_ids))
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+    manager.check()
+    assert runner.seen == {}
+    assert len(done) > 20 and all(tokens == reference[i] for i, tokens in done)
+    assert pipe.stats()["spec"]["draft_tokens"] > 0
 
 
 def test_share_kv_needs_a_self_draft(tiny_llama_dir, other_tiny):
@@ -427,7 +479,7 @@ def test_share_kv_needs_a_self_draft(tiny_llama_dir, other_tiny):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
     plugins = [{"speculative": {"draft": str(other_tiny)}}]
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
-    assert pipe.pm.get_plugin("speculative").runner.target is None
+    assert not pipe.pm.get_plugin("speculative").runner.shared
 
 
 # ----------------------------------------------------------------- seeded sampling under speculation
