@@ -229,9 +229,10 @@ class PipelineContext:
     # ranks the model is split over (docs/distributed.md): above 1, ``model`` is rank 0's shard (its heads, MLP
     # columns and vocabulary rows), so a plugin that reuses the target's modules must refuse or cope
     tensor_parallel_size: int = 1
-    # seconds of one forward of N new tokens (a logit row each) on scratch KV, or None where it cannot be timed
-    # (a compiled runner); for calibrating a cost model inside ``configure`` only: afterwards it raises
-    time_forward: Callable[[int], float | None] | None = None
+    # seconds of one forward of B sequences of W new tokens each (a logit row per token) on scratch KV, called
+    # as time_forward(B, W); None where it cannot be timed (a compiled runner); for calibrating a cost model
+    # inside ``configure`` only: afterwards it raises
+    time_forward: Callable[[int, int], float | None] | None = None
 
 
 @dataclass(slots=True)

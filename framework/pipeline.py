@@ -122,10 +122,10 @@ class Pipeline:
         the hook runs and refuses afterwards, when sequences hold the pool."""
         building = True
 
-        def time_forward(num_tokens: int) -> float | None:
+        def time_forward(num_seqs: int, width: int) -> float | None:
             if not building:
                 raise RuntimeError("time_forward is for configure: the KV pool is in use after the build")
-            return self.runner.time_forward(num_tokens, self.limits.max_num_seqs)
+            return self.runner.time_forward(num_seqs, width)
 
         context.time_forward = time_forward
         self.pm.hook.configure(context=context)

@@ -121,21 +121,17 @@ class ModelRunner:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
 
     @torch.inference_mode()
-    def time_forward(self, num_tokens: int, max_seqs: int, context: int = 256) -> float | None:
-        """Seconds of one forward of ``num_tokens`` new tokens spread over up to ``max_seqs`` sequences, each
-        after ``context`` earlier positions (scratch K/V), a logit row for each new token: what a decode step
-        verifying drafts computes. Its second run is timed, the first warming kernels up. None for a compiled
-        runner (a new shape would compile), a pool too small or sequences longer than ``max_model_len``. Like
+    def time_forward(self, num_seqs: int, width: int, context: int = 256) -> float | None:
+        """Seconds of one forward of ``num_seqs`` sequences of ``width`` new tokens each, after ``context``
+        earlier positions (scratch K/V), a logit row for every new token: what a decode step verifying drafts
+        computes. Its second run is timed, the first warming kernels up. None for a compiled runner (a new
+        shape would compile), a pool too small or sequences longer than ``max_model_len``. Like
         :meth:`warm_up` it writes only slots of the fresh pool, so it is for build time."""
-        seqs = max(1, min(num_tokens, max_seqs))
-        width = -(-num_tokens // seqs)
         context = max(0, min(context, self.layout.max_model_len - width))
         blocks = list(range(-(-(context + width) // self.pool.block_size)))
         if self.compiled or width > self.layout.max_model_len or len(blocks) > self.pool.num_blocks:
             return None
-        rest = num_tokens % width
-        items = [([0] * width, context, blocks, width)] * (num_tokens // width) + (
-            [([0] * rest, context, blocks, rest)] if rest else [])
+        items = [([0] * width, context, blocks, width)] * num_seqs
         self.run(items)
         t0 = time.perf_counter()
         self.run(items)

@@ -24,48 +24,52 @@ PER_OCTAVE = 4  # StepCost buckets: four per doubling of the token count
 
 
 class StepCost:
-    """Seconds a forward of ``n`` tokens takes.
+    """Seconds a forward of ``n`` tokens over ``b`` sequences takes.
 
-    Two sources: a curve timed at build (:meth:`calibrate`), whose shape holds what extra tokens cost on this
-    machine, and the engine's own steps (:meth:`observe`). With a calibrated curve, decode steps set only its
-    level (a moving average of measured over calibrated seconds: real contexts and batches cost more than the
-    scratch forwards, and more as sequences grow), so the marginal cost of drafts keeps the measured shape
-    instead of being flattened where only the plain steps' buckets were updated. Without one, every step goes
-    into moving averages per token-count bucket, interpolated.
+    Two sources: curves timed at build (:meth:`calibrate`: per sequence count, seconds by token count), whose
+    shape holds what extra tokens cost on this machine, and the engine's own steps (:meth:`observe`). A draft
+    adds tokens to a sequence already in the step, not sequences: with a curve per sequence count, the
+    marginal cost of drafts is that of more rows for the same sequences (their attention over the context is
+    paid once), which one curve over sequences of one token each would overstate. With calibrated curves,
+    decode steps set only their level (a moving average of measured over calibrated seconds: real contexts
+    and batches cost more than the scratch forwards, and more as sequences grow). Without them, every step
+    goes into moving averages per token-count bucket, interpolated.
     """
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
         self.buckets: dict[int, list[float]] = {}  # observed: bucket -> [mean tokens, mean seconds]
-        self.calibrated: dict[int, list[float]] = {}  # timed at build: bucket -> [tokens, seconds]
+        self.calibrated: dict[int, dict[int, list[float]]] = {}  # timed at build: seqs -> bucket -> [tokens, s]
         self.level: float | None = None  # measured / calibrated seconds of decode steps, moving average
-        self._calibrated: tuple[list[float], list[float]] | None = None  # monotone(calibrated), cached
-        self._points: tuple[list[float], list[float]] | None = None
+        self._curves: dict[int, tuple[list[float], list[float]]] = {}  # seqs -> monotone(calibrated), cached
 
     @staticmethod
     def bucket(num_tokens: float) -> int:
         return round(math.log2(num_tokens) * PER_OCTAVE)
 
-    def calibrate(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds > 0:
-            self.calibrated[self.bucket(num_tokens)] = [float(num_tokens), seconds]
-            self._calibrated = self._points = None
+    def calibrate(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
+        """A forward of ``num_tokens`` tokens spread evenly over ``num_seqs`` sequences, timed at build."""
+        if num_tokens > 0 and seconds > 0 and num_seqs > 0:
+            self.calibrated.setdefault(num_seqs, {})[self.bucket(num_tokens)] = [float(num_tokens), seconds]
+            self._curves = {}
 
-    def _calibrated_curve(self) -> tuple[list[float], list[float]]:
-        if self._calibrated is None:
-            self._calibrated = monotone(self.calibrated.values())
-        return self._calibrated
+    def _calibrated_curve(self, num_seqs: int) -> tuple[list[float], list[float]]:
+        """The unscaled curve of the calibrated sequence count nearest ``num_seqs`` (log scale; ties: larger)."""
+        seqs = min(self.calibrated, key=lambda b: (abs(math.log2(b) - math.log2(max(num_seqs, 1))), -b))
+        if seqs not in self._curves:
+            self._curves[seqs] = monotone(self.calibrated[seqs].values())
+        return self._curves[seqs]
 
-    def observe(self, num_tokens: int, seconds: float, *, decode: bool = True) -> None:
-        """A step's forward: ``decode`` when it ran no prefill tokens (only those set a calibrated level)."""
+    def observe(self, num_tokens: int, seconds: float, *, decode: bool = True, num_seqs: int = 1) -> None:
+        """A step's forward over ``num_seqs`` sequences: ``decode`` when it ran no prefill tokens (only those
+        set a calibrated level)."""
         if num_tokens <= 0 or seconds <= 0:
             return
         if self.calibrated:
             if decode:
-                ns, ts = self._calibrated_curve()
+                ns, ts = self._calibrated_curve(num_seqs)
                 r = seconds / interpolate(ns, ts, bisect.bisect_right(ns, num_tokens), num_tokens)
                 self.level = r if self.level is None else self.level + self.alpha * (r - self.level)
-                self._points = None
             return
         b = self.bucket(num_tokens)
         cur = self.buckets.get(b)
@@ -74,24 +78,22 @@ class StepCost:
         else:
             cur[0] += self.alpha * (num_tokens - cur[0])
             cur[1] += self.alpha * (seconds - cur[1])
-        self._points = None
 
-    def points(self) -> tuple[list[float], list[float]]:
-        """Token counts and seconds, both ascending: a cost never falls as tokens grow (running maximum)."""
-        if self._points is None:
-            if self.calibrated:
-                ns, ts = self._calibrated_curve()
-                self._points = (ns, [t * (self.level or 1.0) for t in ts])
-            else:
-                self._points = monotone(self.buckets.values())
-        return self._points
+    def points(self, num_seqs: int = 1) -> tuple[list[float], list[float]]:
+        """Token counts and seconds at ``num_seqs`` sequences, both ascending: a cost never falls as tokens
+        grow (running maximum)."""
+        if self.calibrated:
+            ns, ts = self._calibrated_curve(num_seqs)
+            level = self.level or 1.0
+            return ns, [t * level for t in ts]
+        return monotone(self.buckets.values())
 
-    def __call__(self, num_tokens: float) -> float | None:
+    def __call__(self, num_tokens: float, num_seqs: int = 1) -> float | None:
         """The expected seconds; None while nothing was measured. Outside the measured range the cost is taken
         as proportional to the tokens (from the nearest measured step): pessimistic for drafts past the largest
         step, and below the smallest it makes a step without drafts look cheap, so a drafter that has only ever
         run with drafts stops once and measures the plain step instead of assuming its drafts are free."""
-        ns, ts = self.points()
+        ns, ts = self.points(num_seqs)
         return interpolate(ns, ts, bisect.bisect_right(ns, num_tokens), num_tokens) if ns else None
 
 
@@ -181,8 +183,8 @@ class Acceptance:
             c[1] = c[1] * decay + 1
         deeper = self.deeper.setdefault(kind, [])
         for j in range(2, min(accepted + 1, depth) + 1):
-            while len(deeper) < j - 1:
-                deeper.append([self.initial, 1.0])
+            while len(deeper) < j - 1:  # a depth tested for the first time starts from the one before it
+                deeper.append([self.continuation(len(deeper) + 2, kind), 1.0])
             c = deeper[j - 2]
             c[0] = c[0] * self.overall_decay + (accepted >= j)
             c[1] = c[1] * self.overall_decay + 1
@@ -208,11 +210,14 @@ class Acceptance:
         return (a + self.prior * self.overall_rate(kind)) / (n + self.prior)
 
     def continuation(self, depth: int, kind: int = 0) -> float:
-        """The chance that draft position ``depth`` (>= 2) is accepted given that the one before it was."""
+        """The chance that draft position ``depth`` (>= 2) is accepted given that the one before it was. A depth
+        never tested takes the deepest tested one's (none tested: the first position's overall rate): drafts
+        that kept landing are worth trying deeper, where a fixed prior would hold the planner at the depths it
+        already knows."""
         deeper = self.deeper.get(kind, [])
-        if depth - 2 >= len(deeper):
-            return self.initial
-        a, n = deeper[depth - 2]
+        if not deeper:
+            return self.overall_rate(kind)
+        a, n = deeper[min(depth, len(deeper) + 1) - 2]
         return a / n
 
     def path_values(self, seq_id: int, depth: int, kind: int = 0) -> list[float]:
@@ -237,7 +242,8 @@ def plan_depths(values: Seq[Seq[float]], widths: Seq[int], base_tokens: int, ste
     :param widths: draft tokens at depth 1, 2, ... (1 each for a chain; a tree's node counts per level);
         ``len(widths)`` is the deepest draft allowed.
     :param base_tokens: tokens the step forwards without any draft (prefill chunks included).
-    :param step_cost: the forward's cost curve; nothing measured yet: every sequence drafts to full depth.
+    :param step_cost: the forward's cost curves (the one for ``len(values)`` sequences is used); nothing
+        measured yet: every sequence drafts to full depth.
     :param draft_cost: the drafter's seconds per draft position at this batch.
     :param costly: per sequence, whether its draft costs ``draft_cost`` to make (default: every one); a draft
         already in hand (a copy found by lookup) costs only its verification.
@@ -249,13 +255,13 @@ def plan_depths(values: Seq[Seq[float]], widths: Seq[int], base_tokens: int, ste
     all caps wins.
     """
     n_seqs = len(values)
-    if step_cost(base_tokens) is None:
+    if step_cost(base_tokens, n_seqs) is None:
         return [len(widths)] * n_seqs
     is_costly = [True] * n_seqs if costly is None else list(costly)
     candidates = sorted((-v[j - 1], j, s) for s, v in enumerate(values) for j in range(1, len(widths) + 1)
                         if v[j - 1] >= min_value)
-    best, best_cap, best_m = n_seqs / step_cost(base_tokens), 0, 0
-    ns, ts = step_cost.points()
+    best, best_cap, best_m = n_seqs / step_cost(base_tokens, n_seqs), 0, 0
+    ns, ts = step_cost.points(n_seqs)
     for cap in [0] + sorted({j for _, j, s in candidates if is_costly[s]}):
         value, tokens, overhead = float(n_seqs), base_tokens, draft_cost * cap
         i = bisect.bisect_right(ns, tokens)  # tokens only grow along a pass: walk the curve instead of searching

@@ -11,7 +11,10 @@ from tokenmill.speculation import Draft
 from tokenmill.speculation.budget import Acceptance, DraftCost, StepCost, plan_depths
 
 
-CALIBRATION = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # forward sizes timed at build
+# forwards timed at build: sequences x new tokens per sequence (1 + a draft's tokens), up to CALIBRATION_TOKENS
+CALIBRATION_SEQS = (1, 2, 4, 8, 16, 32, 64)
+CALIBRATION_WIDTHS = (1, 2, 3, 5, 9, 17)
+CALIBRATION_TOKENS = 256
 
 
 def as_draft(d) -> Draft:
@@ -66,16 +69,20 @@ class DrafterPlugin(Plugin):
         return [1] * self.options.num_speculative_tokens
 
     def calibrate(self, context: PipelineContext) -> None:
-        """With ``adaptive``: time forwards of as many tokens as drafting steps may verify (``CALIBRATION``, up to
-        ``max_num_seqs`` times the deepest draft plus one) into the step-cost curve, so the first plans rest on
-        measured costs; the engine's own steps refine it from then on."""
+        """With ``adaptive``: time forwards of as many sequences (``CALIBRATION_SEQS``, up to ``max_num_seqs``) of
+        as many tokens each (``CALIBRATION_WIDTHS``, up to one plus a full draft; at most ``CALIBRATION_TOKENS``
+        in all, and always one token each) as drafting steps verify, into the step-cost curves, so the first
+        plans rest on measured costs; the engine's own steps set their level from then on."""
         if not self.options.adaptive or context.time_forward is None:
             return
-        largest = context.limits.max_num_seqs * (1 + len(self.draft_widths()))
-        for n in CALIBRATION:
-            seconds = context.time_forward(n) if n <= largest else None
-            if seconds is not None:
-                self.step_cost.calibrate(n, seconds)
+        widest = 1 + sum(self.draft_widths())
+        seqs = [b for b in CALIBRATION_SEQS if b < context.limits.max_num_seqs] + [context.limits.max_num_seqs]
+        for b in seqs:
+            for w in CALIBRATION_WIDTHS:
+                if w == 1 or (w <= widest and b * w <= CALIBRATION_TOKENS):
+                    seconds = context.time_forward(b, w)
+                    if seconds is not None:
+                        self.step_cost.calibrate(b * w, seconds, num_seqs=b)
 
     @hookimpl
     def configure(self, context: PipelineContext) -> None:
@@ -146,14 +153,18 @@ class DrafterPlugin(Plugin):
 
     @hookimpl
     def step_end(self, stats: StepStats) -> None:
-        self.step_cost.observe(stats.num_forward_tokens, stats.forward_s, decode=stats.num_prefill_tokens == 0)
+        self.step_cost.observe(stats.num_forward_tokens, stats.forward_s, decode=stats.num_prefill_tokens == 0,
+                               num_seqs=stats.num_seqs)
 
     def budget_snapshot(self) -> dict:
-        """What the planner has measured: step seconds per forwarded tokens, drafter seconds per depth by
-        batch, the first position's acceptance over all sequences and each later one's given the one before."""
-        ns, ts = self.step_cost.points()
+        """What the planner has measured: step seconds by sequences and forwarded tokens (sequences 0: learned
+        from the engine's steps, nothing calibrated), drafter seconds per depth by batch, the first position's
+        acceptance over all sequences and each later one's given the one before."""
+        cost = self.step_cost
         acc = self.acceptance
-        return {"step_s_by_tokens": {round(n): round(t, 4) for n, t in zip(ns, ts)},
+        curves = {b: cost.points(b) for b in sorted(cost.calibrated)} or {0: cost.points()}
+        return {"step_s_by_seqs_and_tokens": {b: {round(n): round(t, 4) for n, t in zip(*curve)}
+                                              for b, curve in curves.items()},
                 "draft_s_per_depth_by_batch": {b: round(s, 5) for b, s in sorted(self.draft_cost.per_depth.items())},
                 "acceptance_first_by_kind": {k: round(acc.overall_rate(k), 3) for k in sorted(acc.first)},
                 "acceptance_given_previous_by_kind": {k: [round(acc.continuation(j, k), 3)

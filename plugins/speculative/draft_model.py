@@ -207,7 +207,10 @@ class Speculative(DrafterPlugin):
         t0 = time.perf_counter()
         try:
             self.runner.warm_up()
-            if self.options.adaptive:  # the planner starts from the draft's measured step cost per batch
+            # the planner starts from the draft's measured step cost per batch; not timed on a background thread,
+            # whose OpenMP team shares the cores with the main thread's (measured: 48 ms for a 20 ms step), so
+            # there the first drafts measure it
+            if self.options.adaptive and not background:
                 for batch, seconds in self.runner.step_seconds(DRAFT_BUCKETS).items():
                     self.draft_cost.observe(batch, 1, seconds)
         except Exception as exc:  # speculation costs speed, never requests: run without it

@@ -67,9 +67,10 @@ class DraftModelRunner:
                 if pos + width <= self.max_len:
                     self._forward([([0] * width, pos, blocks, 1)] * b)
 
-    def step_seconds(self, batches: list[int]) -> dict[int, float]:
-        """Seconds of one single-token draft step at each batch size (its second run: the first may compile or
-        warm kernels), at position ``WARM_UP_POSITION`` of a scratch pool: what drafting one position costs."""
+    def step_seconds(self, batches: list[int], runs: int = 3) -> dict[int, float]:
+        """Seconds of one single-token draft step at each batch size (the median of ``runs`` after an untimed
+        one, which may compile or warm kernels: one timing can be off by a third on a busy machine), at position
+        ``WARM_UP_POSITION`` of a scratch pool: what drafting one position costs."""
         out = {}
         if WARM_UP_POSITION >= self.max_len:
             return out
@@ -77,9 +78,12 @@ class DraftModelRunner:
             for b in batches:
                 items = [([0], WARM_UP_POSITION, blocks, 1)] * b
                 self._forward(items)
-                t0 = time.perf_counter()
-                self._forward(items)
-                out[b] = time.perf_counter() - t0
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    self._forward(items)
+                    times.append(time.perf_counter() - t0)
+                out[b] = sorted(times)[runs // 2]
         return out
 
     @contextmanager

@@ -570,9 +570,9 @@ def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, mo
 
 
 def test_adaptive_drafter_calibrates_its_step_cost_at_build(tiny_llama_dir, monkeypatch):
-    """``adaptive``: the step-cost curve starts from forwards timed at build (``PipelineContext.time_forward``),
-    up to the largest step the drafter can make (max_num_seqs x (1 + depth)); after the build, when the KV
-    pool is in use, ``time_forward`` refuses."""
+    """``adaptive``: the step-cost curves start from forwards timed at build (``PipelineContext.time_forward``):
+    per sequence count up to max_num_seqs, one token each and up to one plus a full draft (3 + 1 here); after
+    the build, when the KV pool is in use, ``time_forward`` refuses."""
     from tokenmill.plugins.speculative.prompt_lookup import PromptLookup
 
     seen, calibrate = {}, PromptLookup.calibrate
@@ -584,9 +584,12 @@ def test_adaptive_drafter_calibrates_its_step_cost_at_build(tiny_llama_dir, monk
     monkeypatch.setattr(PromptLookup, "calibrate", keep)
     plugins = [{"prompt_lookup": {"num_speculative_tokens": 3}}] + PAGED
     pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
-    ns, ts = pipe.plugins["prompt_lookup"].step_cost.points()
-    assert ns[0] == 1 and max(ns) <= pipe.limits.max_num_seqs * 4 and len(ns) >= 6 and all(t > 0 for t in ts)
+    cost = pipe.plugins["prompt_lookup"].step_cost
+    assert sorted(cost.calibrated) == [1, 2, 4, 8]  # max_num_seqs 8
+    for b in cost.calibrated:
+        ns, ts = cost.points(b)
+        assert ns == [b * w for w in (1, 2, 3)] and all(t > 0 for t in ts)  # widths up to 1 + 3, not 5
     with pytest.raises(RuntimeError, match="time_forward is for configure"):
-        seen["context"].time_forward(4)
+        seen["context"].time_forward(4, 1)
     runner = pipe.runner  # what cannot be timed is None, never a failed build
-    assert runner.time_forward(runner.layout.max_model_len + 1, 1) is None
+    assert runner.time_forward(1, runner.layout.max_model_len + 1) is None

@@ -44,6 +44,24 @@ def test_calibrated_curve_keeps_its_shape_and_decode_steps_set_its_level():
     assert c.buckets == {}  # with a calibrated curve the steps only set its level
 
 
+def test_calibrated_curves_per_sequence_count_price_drafts_as_rows_of_the_same_sequences():
+    """A draft adds tokens to sequences already in the step. Timed per sequence count, a lone sequence's extra
+    tokens cost little (its attention over the context is paid once), so batch 1 drafts deep, while 8
+    sequences whose extra rows cost as much as new ones draft nothing; decode steps set the level of the
+    curve of their own sequence count's nearest calibrated one."""
+    c = StepCost()
+    for w in (1, 2, 3, 5, 9):
+        c.calibrate(w, 0.030 + 0.002 * (w - 1), num_seqs=1)    # one sequence, 1 + draft tokens
+        c.calibrate(8 * w, 0.030 * w, num_seqs=8)               # 8 sequences: every token a sequence's cost
+    values = [[0.9 ** j for j in range(1, 9)]]
+    assert plan_depths(values, [1] * 8, 1, c, 0.0) == [8]
+    assert plan_depths(values * 8, [1] * 8, 8, c, 0.0) == [0] * 8
+    assert c(5, num_seqs=1) == pytest.approx(0.038) and c(40, num_seqs=6) == pytest.approx(0.15)  # nearest: 8
+    for _ in range(30):
+        c.observe(8, 0.06, num_seqs=8)  # real 8-sequence decode steps: twice the scratch forward
+    assert c(8, num_seqs=8) == pytest.approx(0.06, rel=0.01) and c(1, num_seqs=1) == pytest.approx(0.06, rel=0.01)
+
+
 def test_draft_cost_extrapolates_up_in_the_batch_and_never_down():
     d = DraftCost()
     assert d(8) == 0.0  # unmeasured: drafting once measures it
@@ -78,6 +96,8 @@ def test_acceptance_first_position_per_sequence_later_ones_per_depth():
         a.rate(1) * a.continuation(2) * a.continuation(3) * a.continuation(4))
     a.record(4, 3, 1)  # the second position tested and rejected, the third never tested
     assert a.deeper[0][0][1] == pytest.approx(12.0) and a.deeper[0][1][1] == pytest.approx(11.0)
+    # depths never tested take the deepest tested one's rate, not a fixed prior that would keep them untried
+    assert a.continuation(7) == a.continuation(4) > 0.9
     a.forget(1)
     assert 1 not in a.counts
     with pytest.raises(AssertionError):
