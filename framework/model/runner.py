@@ -121,21 +121,26 @@ class ModelRunner:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
 
     @torch.inference_mode()
-    def time_forward(self, num_seqs: int, width: int, context: int = 256) -> float | None:
+    def time_forward(self, num_seqs: int, width: int, context: int = 256, runs: int = 3) -> float | None:
         """Seconds of one forward of ``num_seqs`` sequences of ``width`` new tokens each, after ``context``
         earlier positions (scratch K/V), a logit row for every new token: what a decode step verifying drafts
-        computes. Its second run is timed, the first warming kernels up. None for a compiled runner (a new
-        shape would compile), a pool too small or sequences longer than ``max_model_len``. Like
-        :meth:`warm_up` it writes only slots of the fresh pool, so it is for build time."""
+        computes. The median of ``runs`` timed runs after one that warms kernels up (one timing can be a third
+        off on a busy machine, and a cost curve made monotone would carry a high one to every larger size).
+        None for a compiled runner (a new shape would compile), a pool too small or sequences longer than
+        ``max_model_len``. Like :meth:`warm_up` it writes only slots of the fresh pool, so it is for build
+        time."""
         context = max(0, min(context, self.layout.max_model_len - width))
         blocks = list(range(-(-(context + width) // self.pool.block_size)))
         if self.compiled or width > self.layout.max_model_len or len(blocks) > self.pool.num_blocks:
             return None
         items = [([0] * width, context, blocks, width)] * num_seqs
         self.run(items)
-        t0 = time.perf_counter()
-        self.run(items)
-        return time.perf_counter() - t0
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.run(items)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[runs // 2]
 
     def tune_cpu_gemm(self, steps: int = 5) -> str | None:
         """CPU fp32 only: time whole one-token decode steps through each small-row GEMM path (``W @ x^T`` with
