@@ -92,10 +92,10 @@ class _LayerStats:
 def _call_groups(block, linears: dict[str, torch.nn.Linear], x: torch.Tensor, extra) -> list[list[str]]:
     """``linears`` in the order the block calls them, those called on the same input tensor grouped (q/k/v,
     gate/up): the order in which ``true_sequential`` quantizes them."""
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs themselves: an id() is reused once a tensor is freed
 
     def hook(name):
-        return lambda module, args, output: calls.append((name, id(args[0])))
+        return lambda module, args, output: calls.append((name, args[0]))
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
     try:
@@ -108,7 +108,7 @@ def _call_groups(block, linears: dict[str, torch.nn.Linear], x: torch.Tensor, ex
     for name, src in calls:
         if any(name in g for g in groups):
             continue
-        if src == prev and groups:
+        if src is prev and groups:
             groups[-1].append(name)
         else:
             groups.append([name])
