@@ -133,12 +133,17 @@ class ModelRunner:
         blocks = list(range(-(-(context + width) // self.pool.block_size)))
         if self.compiled or width > self.layout.max_model_len or len(blocks) > self.pool.num_blocks:
             return None
-        items = [([0] * width, context, blocks, width)] * num_seqs
-        self.run(items)
+        return self.time_run([([0] * width, context, blocks, width)] * num_seqs, runs=runs)
+
+    @torch.inference_mode()
+    def time_run(self, items, *, runs: int = 3, max_padded_tokens: int = 1) -> float:
+        """Seconds of :meth:`run` on ``items``: the median of ``runs`` timed runs after an untimed one (which may
+        compile or warm kernels). It writes the slots ``items`` name, so give it scratch ones."""
+        self.run(items, max_padded_tokens=max_padded_tokens)
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            self.run(items)
+            self.run(items, max_padded_tokens=max_padded_tokens)
             times.append(time.perf_counter() - t0)
         return sorted(times)[runs // 2]
 

@@ -13,7 +13,6 @@ Its single-token steps may run through ``torch.compile`` with dynamic shapes (ba
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 
 import torch
@@ -47,7 +46,6 @@ class DraftModelRunner:
                  compile_spec: CompileSpec | None = None) -> None:
         """``pool``: the draft's layers in the pipeline's blocks, or the target's own with ``shared``."""
         self.runner = ModelRunner(model, pool, attention="sdpa_gather", compile_spec=compile_spec, max_model_len=max_len)
-        self.pool = pool
         self.shared = shared
         self.max_len = max_len
         self.seen: dict[int, list[int]] = {}  # own layers: tokens whose draft K/V the sequence's blocks hold
@@ -76,14 +74,8 @@ class DraftModelRunner:
             return out
         with self._scratch() as blocks:
             for b in batches:
-                items = [([0], WARM_UP_POSITION, blocks, 1)] * b
-                self._forward(items)
-                times = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    self._forward(items)
-                    times.append(time.perf_counter() - t0)
-                out[b] = sorted(times)[runs // 2]
+                out[b] = self.runner.time_run([([0], WARM_UP_POSITION, blocks, 1)] * b, runs=runs,
+                                              max_padded_tokens=CATCH_UP_COMPILED)
         return out
 
     @contextmanager
