@@ -6,7 +6,9 @@ For many rows (prefill, large batches) the weight is converted to the compute dt
 dense GEMM (bfloat16 uses AMX / AVX512-BF16 where the CPU has it), scales applied to the output.
 The CPU kernel reads past the end of rows whose length is not a multiple of 32 (garbage or a crash in
 torch 2.13), so such weights are stored zero-padded to a multiple of 32 columns and the activations padded
-to match.
+to match. One row of a compiled decode step runs a reduction over the codes instead, which inductor fuses
+(:func:`tokenmill.model.kernels.cpu_gemm.compiled_gemv`: 5.5 ms for the default model's projections against
+10.6 ms through the kernel).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.model.kernels.cpu_gemm import compiled_gemv
 from tokenmill.plugins.quant.base import QuantLinear, pad_to, resolve_compute_dtype
 from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
 
@@ -100,6 +103,9 @@ class Int8Linear(QuantLinear):
         xc = x.to(cd)
         if self.kp != self.in_features:
             xc = F.pad(xc, (0, self.kp - self.in_features))
+        out = compiled_gemv(xc, self.qweight)  # one row of a compiled step on CPU: a fused reduction over the codes
+        if out is not None:
+            return out * self.scales
         if self.use_kernel and x.shape[0] <= self.kernel_max_rows and cd != torch.float32:
             return torch.ops.aten._weight_int8pack_mm(xc.contiguous(), self.qweight, self.scales_c)
         # int8 values are exact in bf16/fp16/fp32; the scale is applied to the output

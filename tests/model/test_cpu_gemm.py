@@ -65,3 +65,20 @@ def test_the_runner_keeps_the_fastest_small_row_path(tiny_llama_dir, monkeypatch
     monkeypatch.undo()
     assert pipe.info()["cpu_gemm"] == runner.cpu_gemm
     assert pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids == ref
+
+
+def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
+    """Traced by torch.compile, one row becomes a product and a sum (any weight dtype; int8 codes are the caller's
+    to scale) equal to F.linear; eagerly, or for more rows, it leaves the call to the caller's kernel."""
+    from tokenmill.model.kernels.cpu_gemm import compiled_gemv
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(1, 64, generator=g)
+    assert compiled_gemv(x, w) is None and compiled_gemv(torch.randn(2, 64), w) is None
+    codes = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    fn = torch.compile(lambda x, w: compiled_gemv(x, w), dynamic=False, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(fn(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fn(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()).float(),
+                                   rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(fn(x, codes), F.linear(x, codes.float()), rtol=1e-5, atol=1e-4)

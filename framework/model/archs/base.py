@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from tokenmill.model.kernels.cpu_gemm import CpuLinear
+from tokenmill.model.kernels.cpu_gemm import CpuLinear, compiled_gemv
 from tokenmill.model.shard import Shard
 
 
@@ -56,13 +56,19 @@ def attention_shape(model) -> tuple[int, int, int]:
 
 class Linear:
     """Applies projection modules: plain fp32 ``nn.Linear`` on CPU through the row-count GEMM dispatch
-    (:mod:`tokenmill.model.kernels.cpu_gemm`), anything else (a quantized replacement) called as it is."""
+    (:mod:`tokenmill.model.kernels.cpu_gemm`; one row of a compiled step on CPU, any float dtype, as
+    :func:`~tokenmill.model.kernels.cpu_gemm.compiled_gemv`), anything else (a quantized replacement) called as it
+    is."""
 
     def __init__(self, cpu_fp32: bool) -> None:
         self.cpu = CpuLinear() if cpu_fp32 else None
         self.plain = 0  # projections applied through __call__ (plain nn.Linear; a fused group counts once)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = compiled_gemv(x, weight)
+        if out is not None:
+            out = out.to(x.dtype)
+            return out if bias is None else out + bias
         return F.linear(x, weight, bias) if self.cpu is None else self.cpu(x, weight, bias)
 
     def module(self, mod) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -22,6 +22,13 @@ The best small-row path differs between CPUs: on an Intel Xeon (2 threads) a one
 the padding (there MKL's one-row case is the fast one). So ``skinny_max_rows`` and ``pad_rows`` are per
 instance, and the model runner measures the three choices (:data:`CHOICES`) on whole decode steps at build
 (:meth:`tokenmill.model.runner.ModelRunner.tune_cpu_gemm`) and keeps the fastest.
+
+Inside a compiled decode step (``compile: enabled``) one row goes through :func:`compiled_gemv` instead: a product
+and a sum over the input dimension, which inductor turns into one vectorized loop per output row that streams the
+weight once in its own dtype (bf16, int8) and fuses the norm before it. One model's worth of one-row projections
+(the default model's shapes, 2 threads, AMD EPYC): bf16 22.3 ms through ``F.linear`` / oneDNN, 9.9 ms as the
+compiled reduction; int8 weights 10.6 ms through ``_weight_int8pack_mm``, 5.5 ms; fp32 48.7 ms through inductor's
+``mm``, 20.4 ms.
 """
 from __future__ import annotations
 
@@ -79,3 +86,12 @@ class CpuLinear:
         if self.onednn is not None and m > 0:
             return self.onednn(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
+
+
+def compiled_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` in float32 for one row on CPU while torch.compile traces (module docstring); None elsewhere,
+    where the caller's own kernel is the faster one. ``weight`` may be float, bf16 or int8 codes (the caller
+    applies their scales to the result)."""
+    if x.shape[0] != 1 or x.device.type != "cpu" or not torch.compiler.is_compiling():
+        return None
+    return (weight.float() * x.float()).sum(-1)[None]
