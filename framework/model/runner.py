@@ -8,6 +8,7 @@ hidden states of the same rows. The engine and the drafters use only the public 
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,22 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
+def _own_code(method):
+    """``method`` (bound) over a copy of its function's code: dynamo keeps its compiled graphs and their guards per
+    code object, so each runner gets a cache of its own, which no other runner's calls can reach."""
+    fn = method.__func__
+    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
+def _input_guards(entries) -> list[bool]:
+    """Guards to keep: those on the forward's arguments (shapes, dtypes, the attention metadata's structure).
+    Guards on the runner itself (``self.*``: the layers, their weights, closures) and on globals are dropped:
+    the model a runner closes over is fixed after build and, with :func:`_own_code`, no other runner shares its
+    graphs; checking those ~600 guards cost ~1 ms per decode step."""
+    return [not e.is_global and e.name.split(".")[0].split("[")[0] != "self" for e in entries]
+
+
 class ModelRunner:
     """Runs any registered architecture on flattened batches over a paged KV pool."""
 
@@ -65,9 +82,9 @@ class ModelRunner:
         self.cpu_gemm: str | None = None  # the small-row GEMM path tune_cpu_gemm chose, if it ran
         self.decode_buckets: list[int] | None = None
         if compiled:
-            self._compiled = torch.compile(self._forward_impl, mode=compile_spec.mode,
+            self._compiled = torch.compile(_own_code(self._forward_impl), mode=compile_spec.mode,
                                            fullgraph=compile_spec.fullgraph, dynamic=compile_spec.dynamic,
-                                           backend=compile_spec.backend)
+                                           backend=compile_spec.backend, options={"guard_filter_fn": _input_guards})
             self.decode_buckets = list(compile_spec.buckets)
 
     @property
@@ -107,13 +124,17 @@ class ModelRunner:
 
     def warm_up(self, max_seqs: int, *, widths: tuple[int, ...] = (1,)) -> None:
         """Run the step shapes a decode loop will meet (every batch bucket up to ``max_seqs``, each width, at the
-        context lengths the attention backend asks for) once now, so compiling happens at build and not inside
+        context lengths the attention backend asks for and, compiled, at a second padded key length, after which
+        dynamo's graph takes any length) once now, so compiling happens at build and not inside
         the first requests. Writes only slots that no sequence holds yet (the pool is fresh), each of which its
         owner overwrites before it is ever read."""
         sizes = [b for b in (self.decode_buckets or [1 << i for i in range(max_seqs.bit_length() + 1)])
                  if b <= max(max_seqs, 1)]
         for b in sizes:
-            for position in self.attention.warm_up_positions(b):
+            positions = self.attention.warm_up_positions(b)
+            if self.compiled and self.layout.kv_multiple:  # a second key length: dynamo recompiles on the first new
+                positions = tuple(dict.fromkeys((*positions, self.layout.kv_multiple)))  # shape, for every length
+            for position in positions:
                 blocks = list(range(-(-(position + max(widths)) // self.pool.block_size)))
                 if len(blocks) > self.pool.num_blocks:
                     continue

@@ -57,3 +57,37 @@ def test_compiled_flex_paged_matches_eager(tiny_llama_dir, monkeypatch):
     out = pipe.generate(prompts, params)
     assert [r.token_ids for r in out] == [r.token_ids for r in eager.generate(prompts, params)]
     assert len(calls) >= 7 and pipe.info()["attention"] == "flex_paged"
+
+
+def test_compiled_decode_compiles_nothing_after_the_build(tiny_llama_dir):
+    """The build's warm-up compiles the graph that serves every key length (dynamo recompiles once, on the first
+    new padded length), so a request whose context crosses several padded lengths compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, compile={"enabled": True, "buckets": [1]},
+                                                 limits={"max_model_len": 256, "max_num_seqs": 1,
+                                                         "max_num_batched_tokens": 256}), progress=False)
+    before = counters["stats"]["unique_graphs"]
+    out = pipe.generate(["Compile me"], SamplingParams(max_tokens=150, ignore_eos=True))
+    assert len(out[0].token_ids) == 150  # past three padded key lengths (kv_multiple 64)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_two_compiled_runners_keep_their_own_graphs(tiny_llama_dir, tmp_path, tokenizer):
+    """Each runner compiles its own copy of the forward and guards only its arguments, not the model it closes over:
+    two models whose steps take the same arguments (other weights, int8 projections in the second), compiled in
+    one process, each give their own eager tokens; one shared graph would run the first model's code on both."""
+    from tests.conftest import make_tiny_model
+
+    other = make_tiny_model("llama", tmp_path / "other", tokenizer, initializer_range=0.3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    limits = {"max_model_len": 256, "max_num_seqs": 1, "max_num_batched_tokens": 256}
+    models = [(tiny_llama_dir, ["continuous_batching", "paged_kv"]), (other, ["continuous_batching", "paged_kv", "int8"])]
+    eager = [Pipeline.from_dict(tiny_pipeline_dict(d, limits=limits, plugins=plugins), progress=False)
+             .generate(["Two models"], params)[0].token_ids for d, plugins in models]
+    assert eager[0] != eager[1]
+    pipes = [Pipeline.from_dict(tiny_pipeline_dict(d, limits=limits, plugins=plugins,
+                                                   compile={"enabled": True, "buckets": [1]}), progress=False)
+             for d, plugins in models]
+    for _ in range(2):
+        assert [p.generate(["Two models"], params)[0].token_ids for p in pipes] == eager
