@@ -6,6 +6,7 @@ import importlib.metadata as md
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import tiny_pipeline_dict
@@ -15,7 +16,7 @@ from tokenmill.errors import PipelineError
 from tokenmill.model.archs import LayerAttention
 from tokenmill.model.attention import AttentionLayout, base
 from tokenmill.model.attention.flex_paged import FlexPaged
-from tokenmill.model.attention.sdpa_gather import SdpaGather
+from tokenmill.model.attention.sdpa_gather import SdpaGather, decode_attention
 from tokenmill.model.batch import build_batch
 
 HQ, HK, D, BS, NB = 4, 2, 16, 4, 40
@@ -103,3 +104,15 @@ def test_third_party_backend_through_entry_point(tiny_llama_dir, monkeypatch):
     out = pipe.generate(["Hello there"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4
     assert CountingGather.calls - before == 4 * pipe.loaded.config.num_hidden_layers
+
+
+def test_decode_attention_equals_sdpa():
+    """The compiled batch-1 decode's attention (a fused score reduction, then a matmul with the values) gives SDPA's
+    result, grouped query heads and a padded key mask included."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6, 1, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g),
+               torch.randn(1, 2, 40, 16, generator=g))
+    mask = (torch.arange(40) < 29)[None, None, None]
+    for m in (None, mask):
+        torch.testing.assert_close(decode_attention(q, k, v, m, 0.25),
+                                   F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True))

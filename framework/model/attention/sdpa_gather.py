@@ -103,7 +103,9 @@ class SdpaGather(AttentionBackend):
             flat = kv_idx.reshape(-1)
             kg = k_cache.index_select(0, flat).view(b, l, lay.num_kv_heads, d).transpose(1, 2)
             vg = v_cache.index_select(0, flat).view(b, l, lay.num_kv_heads, d).transpose(1, 2)
-            if layer.softcap is None:
+            if b == t == 1 and layer.softcap is None and torch.compiler.is_compiling():  # batch-1 decode
+                o = decode_attention(qg, kg, vg, mask, layer.scale)
+            elif layer.softcap is None:
                 o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=causal, scale=layer.scale,
                                                    enable_gqa=bool(hq != lay.num_kv_heads))
             else:
@@ -113,6 +115,22 @@ class SdpaGather(AttentionBackend):
                 return o
             out = place_rows(out, o, out_idx, out_sel, n)
         return out
+
+
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """One query row per sequence (the backend uses it for compiled batch-1 decodes, where it was measured) (``q [B, Hq, 1, D]``, ``k``/``v`` ``[B, Hk, L, D]``, ``mask [B, 1, 1, L]`` or
+    None), for compiled decode steps: the scores as a product and a sum that inductor fuses with the gather of the
+    keys, the scale, the mask and the softmax; then one batched matmul with the values. SDPA's CPU kernel costs
+    ~0.1 ms a call at one query, and a reduction over the values (strided along the keys) runs unvectorized. In
+    one process on the default model (bf16, batch 1, 2 threads) the compiled step took 18.0 ms this way against
+    20.0 with SDPA (medians of six rounds)."""
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    scores = (q.reshape(b, hk, hq // hk, 1, d) * k[:, :, None]).sum(-1) * scale   # [B, Hk, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, 1, d)
 
 
 def softcapped_attention(q, k, v, mask, causal: bool, layer: LayerAttention) -> torch.Tensor:
