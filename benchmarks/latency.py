@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["llama.cpp"], default=None,
                     help="every bit width against llama.cpp (needs llama-cpp-python)")
     ap.add_argument("--prefill-tokens", type=int, default=1000, help="with --peer: the prefill prompt's length")
-    ap.add_argument("--compile", action="store_true", help="with --peer: every row again with its batch-1 decode step compiled")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --peer: every row again with its batch-1 decode step compiled")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default=None, help="override the pipeline's device (e.g. cuda)")
     ap.add_argument("--attention", default=None, help="override the pipeline's attention backend")

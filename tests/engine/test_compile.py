@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.conftest import tiny_pipeline_dict
+from tests.conftest import make_tiny_model, tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
 from tokenmill.model.attention import AttentionLayout
 from tokenmill.model.attention.sdpa_gather import SdpaGather
@@ -77,12 +77,11 @@ def test_two_compiled_runners_keep_their_own_graphs(tiny_llama_dir, tmp_path, to
     """Each runner compiles its own copy of the forward and guards only its arguments, not the model it closes over:
     two models whose steps take the same arguments (other weights, int8 projections in the second), compiled in
     one process, each give their own eager tokens; one shared graph would run the first model's code on both."""
-    from tests.conftest import make_tiny_model
-
     other = make_tiny_model("llama", tmp_path / "other", tokenizer, initializer_range=0.3)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     limits = {"max_model_len": 256, "max_num_seqs": 1, "max_num_batched_tokens": 256}
-    models = [(tiny_llama_dir, ["continuous_batching", "paged_kv"]), (other, ["continuous_batching", "paged_kv", "int8"])]
+    plain = ["continuous_batching", "paged_kv"]
+    models = [(tiny_llama_dir, plain), (other, plain + ["int8"])]
     eager = [Pipeline.from_dict(tiny_pipeline_dict(d, limits=limits, plugins=plugins), progress=False)
              .generate(["Two models"], params)[0].token_ids for d, plugins in models]
     assert eager[0] != eager[1]

@@ -118,12 +118,12 @@ class SdpaGather(AttentionBackend):
 
 
 def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """One query row per sequence (the backend uses it for compiled batch-1 decodes, where it was measured) (``q [B, Hq, 1, D]``, ``k``/``v`` ``[B, Hk, L, D]``, ``mask [B, 1, 1, L]`` or
-    None), for compiled decode steps: the scores as a product and a sum that inductor fuses with the gather of the
-    keys, the scale, the mask and the softmax; then one batched matmul with the values. SDPA's CPU kernel costs
-    ~0.1 ms a call at one query, and a reduction over the values (strided along the keys) runs unvectorized. In
-    one process on the default model (bf16, batch 1, 2 threads) the compiled step took 18.0 ms this way against
-    20.0 with SDPA (medians of six rounds)."""
+    """Attention of one query row per sequence (``q [B, Hq, 1, D]``, ``k``/``v`` ``[B, Hk, L, D]``, ``mask
+    [B, 1, 1, L]`` or None), as the backend runs compiled batch-1 decodes: the scores as a product and a sum that
+    inductor fuses with the gather of the keys, the scale, the mask and the softmax; then one batched matmul with
+    the values. SDPA's CPU kernel costs ~0.1 ms a call at one query, and a reduction over the values (strided
+    along the keys) runs unvectorized. In one process on the default model (bf16, batch 1, 2 threads) the
+    compiled step took 18.0 ms this way against 20.0 with SDPA (medians of six rounds)."""
     b, hq, _, d = q.shape
     hk = k.shape[1]
     scores = (q.reshape(b, hk, hq // hk, 1, d) * k[:, :, None]).sum(-1) * scale   # [B, Hk, G, L]
