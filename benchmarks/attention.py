@@ -2,15 +2,15 @@
 in one run; and greedy output of the default pipeline per backend.
 
     python benchmarks/attention.py [--seqs 64] [--context 1024] [--block-size 16] [--steps 5]
-                                   [--backends sdpa_gather,flex_paged] [--no-greedy]
+                                   [--backends sdpa_gather,flex_paged,fused_paged] [--no-greedy]
 
 The step: ``--seqs`` sequences, each with ``--context`` tokens of K/V already in a paged pool (random values on
 shuffled, non-contiguous blocks: a decode step's cost does not depend on them), each decoding one token, through
 ``ModelRunner.run`` (the whole model: embedding, 30 layers, head). Each backend gets one untimed step first
 (compilation), then ``--steps`` timed ones; the median is reported. The greedy check runs
 ``pipelines/continuous.yaml`` (paged KV) with ``attention:`` set to each backend on three prompts x 32 tokens
-and compares tokens; ``flex_paged`` runs there with ``min_keys = 0``, so that every decode of these short
-prompts goes through FlexAttention (the count of its calls is reported). Writes results/attention.json and .png.
+and compares tokens; ``flex_paged`` and ``fused_paged`` run there with ``min_keys = 0``, so that every decode of
+these short prompts goes through FlexAttention or the fused kernel (the count of their calls is reported). Writes results/attention.json and .png.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--backends", default="sdpa_gather,flex_paged")
+    ap.add_argument("--backends", default="sdpa_gather,flex_paged,fused_paged")
     ap.add_argument("--no-greedy", action="store_true")
     ap.add_argument("--greedy-only", action="store_true")
     ap.add_argument("--name", default="attention")
@@ -83,19 +83,22 @@ def main() -> None:
         r["max_logit_diff_vs_first"] = float((r["logits"] - ref).abs().max())
     for r in rows:
         del r["logits"]
-    greedy, flex_calls = {}, []
+    greedy, inplace_calls = {}, []
     if not args.no_greedy:
         from tokenmill.model.attention.flex_paged import FlexPaged
+        from tokenmill.model.attention.fused_paged import FusedPaged
 
-        FlexPaged.min_keys = 0
-        real = FlexPaged._fn
-        FlexPaged._fn = lambda self, *a: flex_calls.append(1) or real(self, *a)
+        for cls in (FlexPaged, FusedPaged):
+            cls.min_keys = 0
+            real = cls._fn
+            cls._fn = lambda self, *a, real=real, name=cls.name: inplace_calls.append(name) or real(self, *a)
         for b in backends:
             data = yaml.safe_load((HERE.parent / "pipelines/continuous.yaml").read_text())
             pipe = Pipeline.from_dict(dict(data, attention=b), progress=False)
             outs = pipe.generate(PROMPTS, SamplingParams(max_tokens=32, ignore_eos=True))
             greedy[b] = [o.token_ids for o in outs]
-        print(f"FlexAttention calls in the greedy runs: {len(flex_calls)}")
+        print("in-place kernel calls in the greedy runs: "
+              + ", ".join(f"{n} {inplace_calls.count(n)}" for n in sorted(set(inplace_calls))))
         same = all(greedy[b] == greedy[backends[0]] for b in backends)
         print(f"greedy tokens identical across backends: {same}")
     print(f"\ndecode step, {args.seqs} sequences x {args.context} tokens of context, block {args.block_size}\n")
@@ -105,7 +108,7 @@ def main() -> None:
         print(f"| {r['backend']} | {r['step_ms']:.1f} | {r['vs_first']:.2f}x | {r['first_step_s']:.1f} | "
               f"max logit diff {r['max_logit_diff_vs_first']:.2e} |")
     payload = {"seqs": args.seqs, "context": args.context, "block_size": args.block_size, "rows": rows,
-               "flex_calls_in_greedy": len(flex_calls), "greedy": greedy, "greedy_identical": (all(greedy[b] == greedy[backends[0]] for b in backends)
+               "in_place_calls_in_greedy": {n: inplace_calls.count(n) for n in sorted(set(inplace_calls))}, "greedy": greedy, "greedy_identical": (all(greedy[b] == greedy[backends[0]] for b in backends)
                                                       if greedy else None)}
     print(f"wrote {write(args.name, payload)}")
     if rows:

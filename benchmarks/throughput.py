@@ -190,11 +190,19 @@ def row_hf_batch(cfg: dict, prompts: list[list[int]]) -> dict:
                      "inside generate_batch) is excluded from the throughput"}
 
 
-def row_tokenmill(cfg: dict, prompts: list[list[int]], which: str) -> dict:
+def label(row: str) -> str:
+    base, _, attention = row.partition("@")
+    return LABELS[base] + (f" (attention: {attention})" if attention else "")
+
+
+def row_tokenmill(cfg: dict, prompts: list[list[int]], row: str) -> dict:
     from tokenmill import Pipeline, SamplingParams, load_spec
 
+    which, _, attention = row.partition("@")
     spec = load_spec(ROOT / PIPELINES[which])
     spec.model = cfg["model"]
+    if attention:
+        spec.attention = attention
     if which == "continuous_noprefix":
         next(p.options for p in spec.plugins if p.name == "paged_kv").prefix_caching = False
     pipe = Pipeline(spec, progress=False)
@@ -245,7 +253,7 @@ def row_tokenmill(cfg: dict, prompts: list[list[int]], which: str) -> dict:
               "preemptions": sum(o.num_preemptions for o in outs),
               "prefill_forward_s": sum(s["forward_s"] for s in steps if s["prefill"]),
               "decode_forward_s": sum(s["forward_s"] for s in steps if not s["prefill"]),
-              "pipeline": PIPELINES[which],
+              "pipeline": PIPELINES[which], "attention": pipe.info()["attention"],
               "plugins": {p.name: repr(p.options) for p in spec.plugins}}
     if cfg["rate"]:
         result["wall_s"] = end - start  # first scheduled arrival to last finish
@@ -332,7 +340,8 @@ def fmt(x, spec=".2f", none="n/a") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", choices=("mixed", "shared-prefix", "long"), default="mixed")
-    ap.add_argument("--rows", default=None, help="comma list of " + ", ".join(LABELS))
+    ap.add_argument("--rows", default=None, help="comma list of " + ", ".join(LABELS)
+                    + "; a tokenmill row with @<backend> runs that attention backend (e.g. continuous@flex_paged)")
     ap.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
     ap.add_argument("--new-tokens", type=int, default=None,
                     help="default 64 (mixed) / 32 (shared-prefix); 16 with --quick")
@@ -371,7 +380,8 @@ def main() -> None:
         rows = ["hf_batch", "continuous"]
     else:
         rows = ["continuous", "continuous_noprefix"]
-    unknown = [r for r in rows if r not in LABELS]
+    unknown = [r for r in rows if r.partition("@")[0] not in LABELS
+               or ("@" in r and r.partition("@")[0] not in PIPELINES)]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(LABELS)}")
     if args.rate and rows != ["continuous"]:
@@ -397,7 +407,7 @@ def main() -> None:
                      if r in results and results[r]["ok"]), None)
     ref_tokens = results[ref_name]["tokens"] if ref_name else None
     for row, r in results.items():
-        r["label"] = LABELS[row]
+        r["label"] = label(row)
         if not r["ok"]:
             continue
         r["latency_s"] = dist(r.pop("latency"))
@@ -430,7 +440,7 @@ def main() -> None:
             "formula": "contiguous: budget / (bytes_per_token * max_model_len); paged: budget / (bytes_per_token * "
                        "mean sequence length at steady state of the continuous row); budget = the paged pool"}
     out = write(name, payload)
-    labels = [LABELS[r] + ("" if results[r]["ok"] else " (failed)") for r in results]
+    labels = [label(r) + ("" if results[r]["ok"] else " (failed)") for r in results]
     title = (f"{requests} requests, {new_tokens} new tokens, {args.workload}"
              + (f", {args.rate:g} req/s" if args.rate else ", all at once"))
     bar_chart(name, labels, [r.get("tok_per_s") or 0.0 for r in results.values()], "output tokens / s", title)

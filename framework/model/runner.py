@@ -140,6 +140,11 @@ class ModelRunner:
                     continue
                 for width in widths:
                     self.run([([0] * width, position, blocks, 1)] * b, max_padded_tokens=max(widths))
+        if self.compiled and sizes:  # a step mixing decodes and a prefill chunk runs eager: whatever the backend
+            b, position = sizes[-1], self.attention.warm_up_positions(sizes[-1])[-1]  # compiles for it, now too
+            blocks = list(range(-(-(position + 2) // self.pool.block_size)))
+            if len(blocks) <= self.pool.num_blocks:
+                self.run([([0], position, blocks, 1)] * b + [([0, 0], position, blocks, 1)])
 
     @torch.inference_mode()
     def time_forward(self, num_seqs: int, width: int, context: int = 256, runs: int = 3) -> float | None:

@@ -59,6 +59,34 @@ def test_compiled_flex_paged_matches_eager(tiny_llama_dir, monkeypatch):
     assert len(calls) >= 7 and pipe.info()["attention"] == "flex_paged"
 
 
+def test_compiled_fused_paged_matches_eager(tiny_llama_dir, monkeypatch):
+    """The fused paged decode inside the compiled decode graph (traced with it, no graph break) gives the eager
+    gather pipeline's tokens, and the build's warm-up compiled every graph the requests use, the eager kernel of
+    mixed steps included."""
+    from torch._dynamo.utils import counters
+
+    from tokenmill.model.attention.fused_paged import FusedPaged
+
+    monkeypatch.setattr(FusedPaged, "min_keys", 0)
+    prompts = ["Compile me", "A second, longer prompt for the batch"]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    plugins = ["continuous_batching", {"paged_kv": {"block_size": 4}}]
+    eager = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins, attention="fused_paged",
+                                                 compile={"enabled": True, "buckets": [1, 2]},
+                                                 limits={"max_model_len": 256, "max_num_seqs": 2,
+                                                         "max_num_batched_tokens": 512}), progress=False)
+    assert pipe.runner.attention._fns  # the eager kernel of mixed steps (decodes beside a chunk): built at warm-up
+    calls = []
+    compiled_fn = pipe.runner._compiled
+    pipe.runner._compiled = lambda *a: calls.append(1) or compiled_fn(*a)
+    before = counters["stats"]["unique_graphs"]
+    out = pipe.generate(prompts, params)
+    assert [r.token_ids for r in out] == [r.token_ids for r in eager.generate(prompts, params)]
+    assert len(calls) >= 7 and pipe.info()["attention"] == "fused_paged"
+    assert counters["stats"]["unique_graphs"] == before
+
+
 def test_compiled_decode_compiles_nothing_after_the_build(tiny_llama_dir):
     """The build's warm-up compiles the graph that serves every key length (dynamo recompiles once, on the first
     new padded length), so a request whose context crosses several padded lengths compiles nothing."""

@@ -1,5 +1,5 @@
-"""Attention backends: flex_paged (blocks read in place) equals sdpa_gather on every kind of query group, and
-a third-party backend plugs in through the entry-point group."""
+"""Attention backends: flex_paged and fused_paged (blocks read in place) equal sdpa_gather on every kind of
+query group, and a third-party backend plugs in through the entry-point group."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -16,6 +16,7 @@ from tokenmill.errors import PipelineError
 from tokenmill.model.archs import LayerAttention
 from tokenmill.model.attention import AttentionLayout, base
 from tokenmill.model.attention.flex_paged import FlexPaged
+from tokenmill.model.attention.fused_paged import FusedPaged
 from tokenmill.model.attention.sdpa_gather import SdpaGather, decode_attention
 from tokenmill.model.batch import build_batch
 
@@ -77,8 +78,60 @@ def test_flex_paged_small_groups_take_the_gather_path():
     assert flex.warm_up_positions(1) == (0,)  # 4096 keys: past this pool's 64-token sequences
 
 
+@pytest.mark.parametrize("layer,dtype", [(LayerAttention(0.25), torch.float32),
+                                         (LayerAttention(0.25, window=6, softcap=5.0), torch.float32),
+                                         (LayerAttention(0.25), torch.bfloat16)],
+                         ids=["global", "window-softcap", "bfloat16"])
+def test_fused_paged_equals_gather(layer, dtype, monkeypatch):
+    """Decodes through the fused kernel (other groups through the gather path) give the gather backend's output,
+    at two batch sizes and key lengths of one compiled graph."""
+    monkeypatch.setattr(FusedPaged, "min_keys", 0)
+    layout = AttentionLayout(HQ, HK, D, BS, NB, 64, torch.device("cpu"), dtype, (layer.window,))
+    fused, gather = FusedPaged(layout), SdpaGather(layout)
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(NB * BS, HK, D, generator=g).to(dtype), torch.randn(NB * BS, HK, D, generator=g).to(dtype)
+    decodes = build_batch([([1], 21, _mixed_batch().block_tables[0].tolist(), 1),
+                           ([2], 9, _mixed_batch().block_tables[1].tolist(), 1),
+                           ([3], 14, _mixed_batch().block_tables[2].tolist(), 1)], BS)
+    for batch in (_mixed_batch(), decodes):
+        q = torch.randn(batch.num_tokens, HQ, D, generator=g).to(dtype)
+        meta = fused.prepare(batch, layer.window)
+        assert meta[0][0] == "fused" and all(kind == "gather" for kind, _ in meta[1:])
+        out = fused.forward(q, k, v, meta, layer)
+        ref = gather.forward(q, k, v, gather.prepare(batch, layer.window), layer)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_fused_paged_pipeline_matches_hf(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(FusedPaged, "min_keys", 0)  # tiny contexts: decodes through the fused kernel all the same
+    calls = []
+    real = FusedPaged._fn
+    monkeypatch.setattr(FusedPaged, "_fn", lambda self, *a: calls.append(1) or real(self, *a))
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="auto",
+                                                 plugins=["continuous_batching", {"paged_kv": {"block_size": 4}}]),
+                              progress=False)
+    assert pipe.info()["attention"] == "fused_paged"  # auto's first choice for a paged pool on CPU
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    results = pipe.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    for prompt, res in zip(PROMPTS, results):
+        assert res.token_ids == hf_greedy(hf, pipe.encode(prompt), 12), prompt
+    assert pipe.stats()["kv"]["used_blocks"] == 0
+    assert calls
+
+
+def test_fused_paged_small_groups_take_the_gather_path():
+    layout = AttentionLayout(HQ, HK, D, BS, NB, 4096, torch.device("cpu"), torch.float32, (None,))
+    fused = FusedPaged(layout)
+    assert [kind for kind, _ in fused.prepare(_mixed_batch(), None)] == ["gather", "gather"]
+    assert fused.warm_up_positions(64) == (0, 32) and fused.warm_up_positions(1) == (0, 2048)
+    # 46 decodes reach 2,048 keys at 45 + 1 keys each: one more, as equal sizes would share a symbol when traced
+    assert fused.warm_up_positions(46) == (0, 46) and fused.warm_up_positions(2048) == (0, 1)
+
+
 def test_unknown_backend_is_refused_with_the_list(tiny_llama_dir):
-    with pytest.raises(PipelineError, match="unknown attention backend 'flash'; allowed: auto, flex_paged, sdpa_gather"):
+    with pytest.raises(PipelineError, match="unknown attention backend 'flash'; allowed: auto, flex_paged, "
+                                            "fused_paged, sdpa_gather"):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="flash"), progress=False)
 
 

@@ -76,7 +76,7 @@ def discover_backends() -> dict[str, md.EntryPoint]:
 
 
 # measured-fastest backend per device type (docs/benchmarks.md, "Attention backends"); the first available wins
-AUTO_ORDER = {"cpu": ("flex_paged", "sdpa_gather"), "cuda": ("flex_paged", "sdpa_gather")}
+AUTO_ORDER = {"cpu": ("fused_paged", "flex_paged", "sdpa_gather"), "cuda": ("flex_paged", "sdpa_gather")}
 # pools of larger blocks (contiguous_kv: one max-length row per sequence) take the gather, which reads only the
 # used prefix of a row, while a block list would cover whole rows
 PAGED_MAX_BLOCK = 64
