@@ -13,6 +13,7 @@ path, where the copy is paid once for many query rows, and so do decode groups r
 from __future__ import annotations
 
 import shutil
+import types
 from functools import partial
 
 import torch
@@ -80,7 +81,11 @@ class FusedPaged(AttentionBackend):
         key = (layer.window, layer.softcap, layer.scale)
         fn = self._fns.get(key)
         if fn is None:
-            fn = torch.compile(partial(paged_decode, window=layer.window, softcap=layer.softcap, scale=layer.scale),
+            # over a copy of the code: dynamo keeps graphs per code object, so every variant of every runner in
+            # the process (each pool its own shape) keeps one cache of its own, far from the recompile limit
+            code = paged_decode.__code__.replace()
+            own = types.FunctionType(code, paged_decode.__globals__, paged_decode.__name__)
+            fn = torch.compile(partial(own, window=layer.window, softcap=layer.softcap, scale=layer.scale),
                                dynamic=False, fullgraph=True)
             self._fns[key] = fn
         return fn
@@ -120,12 +125,13 @@ class FusedPaged(AttentionBackend):
         slots = rows[:, (key // bs).clamp(max=rows.shape[1] - 1)] * bs + key % bs
         slots = torch.where(key[None] < length[:, None], slots, slots[:, :1])
         qpos = batch.positions[tok[:, 0]]
-        for t in (slots, length, qpos):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(slots, 1)
         dev = self.layout.device
         mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
-        return real, mv(tok.reshape(-1)), mv(out_idx), mv(out_sel), mv(slots), mv(length), mv(qpos)
+        slots, length, qpos = mv(slots), mv(length), mv(qpos)
+        for t in (slots, length, qpos):  # the batch and key count: symbols of the one graph, not constants
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(slots, 1)
+        return real, mv(tok.reshape(-1)), mv(out_idx), mv(out_sel), slots, length, qpos
 
     # ------------------------------------------------------------------ attention
     def forward(self, q, k_cache, v_cache, meta, layer: LayerAttention) -> torch.Tensor:
