@@ -57,6 +57,22 @@ def _input_guards(entries) -> list[bool]:
     return [not e.is_global and e.name.split(".")[0].split("[")[0] != "self" for e in entries]
 
 
+def _compile_options(mode: str | None, device: torch.device, backend: str) -> dict:
+    """torch.compile's options for the decode step: the ``mode``'s own (torch.compile takes a mode or options, not
+    both), the guard filter, and on CPU a lower bar for inductor to store an elementwise result before the kernels
+    that read it. Inductor's CPU default (a chain read from up to 12 buffers stays inline) recomputed the
+    residual sum and the norm inside every output row of the one-row projections that read them. Stored once
+    instead, a compiled batch-1 step of the default model measured (one process, six interleaved rounds, same
+    tokens) 43.0 vs 33.9 tok/s in bf16 at 1 thread, 54.1 vs 48.3 at 2 threads, int8 65.6 vs 56.2 and fp32 32.1
+    vs 30.4 at 1 thread."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode or "default"), guard_filter_fn=_input_guards)
+    if device.type == "cpu" and backend == "inductor":
+        options["realize_acc_reads_threshold"] = 2
+    return options
+
+
 class ModelRunner:
     """Runs any registered architecture on flattened batches over a paged KV pool."""
 
@@ -82,9 +98,9 @@ class ModelRunner:
         self.cpu_gemm: str | None = None  # the small-row GEMM path tune_cpu_gemm chose, if it ran
         self.decode_buckets: list[int] | None = None
         if compiled:
-            self._compiled = torch.compile(_own_code(self._forward_impl), mode=compile_spec.mode,
-                                           fullgraph=compile_spec.fullgraph, dynamic=compile_spec.dynamic,
-                                           backend=compile_spec.backend, options={"guard_filter_fn": _input_guards})
+            self._compiled = torch.compile(_own_code(self._forward_impl), fullgraph=compile_spec.fullgraph,
+                                           dynamic=compile_spec.dynamic, backend=compile_spec.backend,
+                                           options=_compile_options(compile_spec.mode, self.device, compile_spec.backend))
             self.decode_buckets = list(compile_spec.buckets)
 
     @property

@@ -87,6 +87,17 @@ def test_compiled_fused_paged_matches_eager(tiny_llama_dir, monkeypatch):
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_compile_mode_builds_with_the_runner_options(tiny_llama_dir):
+    """A ``compile.mode`` becomes its options beside the runner's own (torch.compile refuses a mode and options
+    together): reduce-overhead builds on CPU, where it has no CUDA graphs to take, and gives the eager tokens."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    limits = {"max_model_len": 128, "max_num_seqs": 1, "max_num_batched_tokens": 128}
+    eager = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, limits=limits), progress=False)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, limits=limits, compile={
+        "enabled": True, "mode": "reduce-overhead", "buckets": [1]}), progress=False)
+    assert pipe.generate(["Hello"], params)[0].token_ids == eager.generate(["Hello"], params)[0].token_ids
+
+
 def test_compiled_decode_compiles_nothing_after_the_build(tiny_llama_dir):
     """The build's warm-up compiles the graph that serves every key length (dynamo recompiles once, on the first
     new padded length), so a request whose context crosses several padded lengths compiles nothing."""

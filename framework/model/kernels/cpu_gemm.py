@@ -25,7 +25,8 @@ instance, and the model runner measures the three choices (:data:`CHOICES`) on w
 
 Inside a compiled decode step (``compile: enabled``) one row goes through :func:`compiled_gemv` instead: a product
 and a sum over the input dimension, which inductor turns into one vectorized loop per output row that streams the
-weight once in its own dtype (bf16, int8) and fuses the norm before it. One model's worth of one-row projections
+weight once in its own dtype (bf16, int8), reading the normed input that the runner's compile options have it store
+first (``tokenmill.model.runner._compile_options``). One model's worth of one-row projections
 (the default model's shapes, 2 threads, AMD EPYC): bf16 22.3 ms through ``F.linear`` / oneDNN, 9.9 ms as the
 compiled reduction; int8 weights 10.6 ms through ``_weight_int8pack_mm``, 5.5 ms; fp32 48.7 ms through inductor's
 ``mm``, 20.4 ms.
