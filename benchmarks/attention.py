@@ -108,8 +108,9 @@ def main() -> None:
         print(f"| {r['backend']} | {r['step_ms']:.1f} | {r['vs_first']:.2f}x | {r['first_step_s']:.1f} | "
               f"max logit diff {r['max_logit_diff_vs_first']:.2e} |")
     payload = {"seqs": args.seqs, "context": args.context, "block_size": args.block_size, "rows": rows,
-               "in_place_calls_in_greedy": {n: inplace_calls.count(n) for n in sorted(set(inplace_calls))}, "greedy": greedy, "greedy_identical": (all(greedy[b] == greedy[backends[0]] for b in backends)
-                                                      if greedy else None)}
+               "in_place_calls_in_greedy": {n: inplace_calls.count(n) for n in sorted(set(inplace_calls))},
+               "greedy": greedy,
+               "greedy_identical": all(greedy[b] == greedy[backends[0]] for b in backends) if greedy else None}
     print(f"wrote {write(args.name, payload)}")
     if rows:
         bar_chart(args.name, [r["backend"] for r in rows], [r["step_ms"] for r in rows], "ms per decode step",

@@ -98,9 +98,9 @@ class ModelRunner:
         self.cpu_gemm: str | None = None  # the small-row GEMM path tune_cpu_gemm chose, if it ran
         self.decode_buckets: list[int] | None = None
         if compiled:
+            options = _compile_options(compile_spec.mode, self.device, compile_spec.backend)
             self._compiled = torch.compile(_own_code(self._forward_impl), fullgraph=compile_spec.fullgraph,
-                                           dynamic=compile_spec.dynamic, backend=compile_spec.backend,
-                                           options=_compile_options(compile_spec.mode, self.device, compile_spec.backend))
+                                           dynamic=compile_spec.dynamic, backend=compile_spec.backend, options=options)
             self.decode_buckets = list(compile_spec.buckets)
 
     @property
