@@ -67,8 +67,10 @@ def _compile_options(mode: str | None, device: torch.device, backend: str) -> di
     vs 30.4 at 1 thread."""
     import torch._inductor
 
+    if backend != "inductor":  # the modes and the threshold are inductor's options
+        return {"guard_filter_fn": _input_guards}
     options = dict(torch._inductor.list_mode_options(mode or "default"), guard_filter_fn=_input_guards)
-    if device.type == "cpu" and backend == "inductor":
+    if device.type == "cpu":
         options["realize_acc_reads_threshold"] = 2
     return options
 
