@@ -1,11 +1,14 @@
 """torch.compile path: compiled decode gives the same greedy tokens as eager."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import make_tiny_model, tiny_pipeline_dict
 from tokenmill import Pipeline, SamplingParams
 from tokenmill.model.attention import AttentionLayout
+from tokenmill.model.attention.flex_paged import FlexPaged
+from tokenmill.model.attention.fused_paged import FusedPaged
 from tokenmill.model.attention.sdpa_gather import SdpaGather
 from tokenmill.model.batch import build_batch
 
@@ -37,53 +40,30 @@ def test_decode_padding_duplicates_first_row():
     assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 12
 
 
-def test_compiled_flex_paged_matches_eager(tiny_llama_dir, monkeypatch):
-    from tokenmill.model.attention.flex_paged import FlexPaged
-
-    monkeypatch.setattr(FlexPaged, "min_keys", 0)  # tiny contexts: decodes through FlexAttention all the same
-    """The compile path on the paged backend: decode steps run the compiled graph (FlexAttention inside it),
-    warmed up at build, with the eager gather pipeline's tokens."""
-    prompts = ["Compile me", "A second, longer prompt for the batch"]
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    plugins = ["continuous_batching", {"paged_kv": {"block_size": 4}}]
-    eager = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
-    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins, attention="flex_paged",
-                                                 compile={"enabled": True, "buckets": [1, 2]},
-                                                 limits={"max_model_len": 256, "max_num_seqs": 2,
-                                                         "max_num_batched_tokens": 512}), progress=False)
-    calls = []
-    compiled_fn = pipe.runner._compiled
-    pipe.runner._compiled = lambda *a: calls.append(1) or compiled_fn(*a)
-    out = pipe.generate(prompts, params)
-    assert [r.token_ids for r in out] == [r.token_ids for r in eager.generate(prompts, params)]
-    assert len(calls) >= 7 and pipe.info()["attention"] == "flex_paged"
-
-
-def test_compiled_fused_paged_matches_eager(tiny_llama_dir, monkeypatch):
-    """The fused paged decode inside the compiled decode graph (traced with it, no graph break) gives the eager
-    gather pipeline's tokens, and the build's warm-up compiled every graph the requests use, the eager kernel of
-    mixed steps included."""
+@pytest.mark.parametrize("cls", [FlexPaged, FusedPaged], ids=["flex_paged", "fused_paged"])
+def test_compiled_in_place_backend_matches_eager(cls, tiny_llama_dir, monkeypatch):
+    """The compile path on the paged backends: decode steps run the compiled graph (FlexAttention called from it,
+    the fused decode traced into it), with the eager gather pipeline's tokens; the build's warm-up compiled every
+    graph the requests use, the backend's eager kernel of mixed steps (decodes beside a chunk) included."""
     from torch._dynamo.utils import counters
 
-    from tokenmill.model.attention.fused_paged import FusedPaged
-
-    monkeypatch.setattr(FusedPaged, "min_keys", 0)
+    monkeypatch.setattr(cls, "min_keys", 0)  # tiny contexts: decodes in place all the same
     prompts = ["Compile me", "A second, longer prompt for the batch"]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     plugins = ["continuous_batching", {"paged_kv": {"block_size": 4}}]
     eager = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins), progress=False)
-    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins, attention="fused_paged",
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins, attention=cls.name,
                                                  compile={"enabled": True, "buckets": [1, 2]},
                                                  limits={"max_model_len": 256, "max_num_seqs": 2,
                                                          "max_num_batched_tokens": 512}), progress=False)
-    assert pipe.runner.attention._fns  # the eager kernel of mixed steps (decodes beside a chunk): built at warm-up
+    assert pipe.runner.attention._fns
     calls = []
     compiled_fn = pipe.runner._compiled
     pipe.runner._compiled = lambda *a: calls.append(1) or compiled_fn(*a)
     before = counters["stats"]["unique_graphs"]
     out = pipe.generate(prompts, params)
     assert [r.token_ids for r in out] == [r.token_ids for r in eager.generate(prompts, params)]
-    assert len(calls) >= 7 and pipe.info()["attention"] == "fused_paged"
+    assert len(calls) >= 7 and pipe.info()["attention"] == cls.name
     assert counters["stats"]["unique_graphs"] == before
 
 

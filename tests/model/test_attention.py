@@ -54,15 +54,19 @@ def test_flex_paged_equals_gather(layer, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_paged_pipeline_matches_hf(tiny_llama_dir, monkeypatch):
-    monkeypatch.setattr(FlexPaged, "min_keys", 0)  # tiny contexts: decodes through FlexAttention all the same
+@pytest.mark.parametrize("cls,attention", [(FlexPaged, "flex_paged"), (FusedPaged, "auto")],
+                         ids=["flex_paged", "fused_paged-by-auto"])
+def test_in_place_backend_pipeline_matches_hf(cls, attention, tiny_llama_dir, monkeypatch):
+    """Greedy tokens equal HF's with every decode through the backend's in-place kernel; ``auto`` picks
+    ``fused_paged`` for a paged pool on CPU."""
+    monkeypatch.setattr(cls, "min_keys", 0)  # tiny contexts: decodes through the in-place kernel all the same
     calls = []
-    real = FlexPaged._fn
-    monkeypatch.setattr(FlexPaged, "_fn", lambda self, *a: calls.append(1) or real(self, *a))
-    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="flex_paged",
+    real = cls._fn
+    monkeypatch.setattr(cls, "_fn", lambda self, *a: calls.append(1) or real(self, *a))
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention=attention,
                                                  plugins=["continuous_batching", {"paged_kv": {"block_size": 4}}]),
                               progress=False)
-    assert pipe.info()["attention"] == "flex_paged"
+    assert pipe.info()["attention"] == cls.name
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     results = pipe.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     for prompt, res in zip(PROMPTS, results):
@@ -101,23 +105,6 @@ def test_fused_paged_equals_gather(layer, dtype, monkeypatch):
         ref = gather.forward(q, k, v, gather.prepare(batch, layer.window), layer)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-
-
-def test_fused_paged_pipeline_matches_hf(tiny_llama_dir, monkeypatch):
-    monkeypatch.setattr(FusedPaged, "min_keys", 0)  # tiny contexts: decodes through the fused kernel all the same
-    calls = []
-    real = FusedPaged._fn
-    monkeypatch.setattr(FusedPaged, "_fn", lambda self, *a: calls.append(1) or real(self, *a))
-    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="auto",
-                                                 plugins=["continuous_batching", {"paged_kv": {"block_size": 4}}]),
-                              progress=False)
-    assert pipe.info()["attention"] == "fused_paged"  # auto's first choice for a paged pool on CPU
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    results = pipe.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
-    for prompt, res in zip(PROMPTS, results):
-        assert res.token_ids == hf_greedy(hf, pipe.encode(prompt), 12), prompt
-    assert pipe.stats()["kv"]["used_blocks"] == 0
-    assert calls
 
 
 def test_fused_paged_small_groups_take_the_gather_path():

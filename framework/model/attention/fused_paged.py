@@ -20,7 +20,7 @@ import torch
 
 from tokenmill.model.archs.base import LayerAttention
 from tokenmill.model.attention.base import AttentionBackend, AttentionLayout
-from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, place_rows, query_groups
+from tokenmill.model.attention.sdpa_gather import SdpaGather, group_rows, key_slots, place_rows, query_groups
 from tokenmill.model.batch import ForwardBatch
 from tokenmill.model.resolve import persist_compiled_kernels
 
@@ -109,20 +109,15 @@ class FusedPaged(AttentionBackend):
                 and sum(batch.starts[i] + 1 for i in members) >= self.min_keys)
 
     def _group(self, batch: ForwardBatch, members: list[int]) -> tuple:
-        bs = batch.block_size
         tok, out_idx, out_sel = group_rows(batch, members, 1)
         real = len(members)
         if real == 1 and not batch.decode_padded:  # two rows (the second a copy): one graph for every batch size,
             members = members * 2                  # where dynamo would compile a second one for a single row
             tok = tok.expand(2, 1)
         length = torch.tensor([batch.starts[i] + 1 for i in members])
-        l_max = int(length.max())
-        kv_multiple = self.layout.kv_multiple if batch.decode_padded else 0
-        if kv_multiple:  # compiled steps: a few key lengths
-            l_max = -(-l_max // kv_multiple) * kv_multiple
-        rows = batch.block_tables[members]
-        key = torch.arange(l_max)
-        slots = rows[:, (key // bs).clamp(max=rows.shape[1] - 1)] * bs + key % bs
+        # compiled steps: keys padded to a few lengths
+        slots = key_slots(batch, members, int(length.max()), self.layout.kv_multiple if batch.decode_padded else 0)
+        key = torch.arange(slots.shape[1])
         slots = torch.where(key[None] < length[:, None], slots, slots[:, :1])
         qpos = batch.positions[tok[:, 0]]
         dev = self.layout.device

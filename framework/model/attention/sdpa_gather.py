@@ -36,6 +36,17 @@ def group_rows(batch: ForwardBatch, members: list[int], t_max: int) -> tuple[tor
     return tok, tok.reshape(-1)[out_sel], out_sel
 
 
+def key_slots(batch: ForwardBatch, members: list[int], l_max: int, kv_multiple: int) -> torch.Tensor:
+    """``[B, L]`` the pool row of each key position of each member's sequence, for ``L = l_max`` rounded up to a
+    multiple of ``kv_multiple`` (0: not rounded); positions past a block table's end read its last block."""
+    if kv_multiple:
+        l_max = -(-l_max // kv_multiple) * kv_multiple
+    bs = batch.block_size
+    rows = batch.block_tables[members]
+    k = torch.arange(l_max)
+    return rows[:, (k // bs).clamp(max=rows.shape[1] - 1)] * bs + (k % bs)
+
+
 def place_rows(out: torch.Tensor | None, o: torch.Tensor, out_idx: torch.Tensor, out_sel: torch.Tensor,
                n: int) -> torch.Tensor:
     """Copy a group's valid output rows (``out_sel`` of ``o``) to their flat tokens ``out_idx`` of the step's
@@ -56,17 +67,13 @@ class SdpaGather(AttentionBackend):
     def _group(self, batch: ForwardBatch, members: list[int], window: int | None) -> tuple:
         starts = [batch.starts[i] for i in members]
         counts = [batch.counts[i] for i in members]
-        bs = batch.block_size
         b, t_max = len(members), max(counts)
-        l_max = max(s + n for s, n in zip(starts, counts))
+        # static-ish shapes for compiled decode: keys padded to kv_multiple, always an explicit mask
         kv_multiple = self.layout.kv_multiple if batch.decode_padded else 0
-        if kv_multiple:  # static-ish shapes for compiled decode: pad keys, always an explicit mask
-            l_max = -(-l_max // kv_multiple) * kv_multiple
+        kv_idx = key_slots(batch, members, max(s + n for s, n in zip(starts, counts)), kv_multiple)
         start, count = torch.tensor(starts), torch.tensor(counts)
-        t, k = torch.arange(t_max), torch.arange(l_max)
+        t, k = torch.arange(t_max), torch.arange(kv_idx.shape[1])
         tok, out_idx, out_sel = group_rows(batch, members, t_max)
-        rows = batch.block_tables[members]
-        kv_idx = rows[:, (k // bs).clamp(max=rows.shape[1] - 1)] * bs + (k % bs)
         trees = {j: batch.trees[i] for j, i in enumerate(members) if i in batch.trees}
         single = b == 1 and window is None and not kv_multiple and not trees
         if single and counts[0] == 1:                                # one decode: attend to every key
