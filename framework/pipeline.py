@@ -89,7 +89,8 @@ class Pipeline:
             if missing:
                 raise PipelineError(f"the KV plugin's init_kv_cache did not allocate the layers {missing} declared "
                                     "through kv_layers (KVCacheSpec.extra; KVCacheSpec.allocate lays them out)")
-            options = dict(attention=spec.attention, compile_spec=spec.compile, max_model_len=max_len)
+            options = dict(attention=spec.attention, compile_spec=spec.compile, max_model_len=max_len,
+                           cpu_gemm=spec.cpu_gemm)
             if group is None:
                 self.runner = ModelRunner(model, pool, **options)
             else:
@@ -327,7 +328,7 @@ class Pipeline:
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
             "compiled": self.runner.compiled, "attention": self.runner.attention.name,
-            "cpu_gemm": self.runner.cpu_gemm,
+            "cpu_gemm": self.runner.cpu_gemm, "packed_weight_bytes": self.runner.packed_weight_bytes,
             "plugins": {p.name: repr(getattr(self._plugins[p.name], "options", None)) for p in self.spec.plugins},
             "tensor_parallel": {"size": self.spec.parallel.tensor_parallel_size,
                                 "weight_bytes_per_rank": self.runner.weight_bytes()}

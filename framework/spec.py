@@ -79,6 +79,7 @@ class PipelineSpec:
     seed: int = 0
     threads: int | None = None
     attention: str = "auto"
+    cpu_gemm: str = "auto"
     plugins: list[PluginSpec] = field(default_factory=list)
     order: dict[str, list[str]] = field(default_factory=dict)
     compile: CompileSpec = field(default_factory=CompileSpec)
@@ -92,6 +93,7 @@ TOP_KEYS: dict[str, str] = {
     "name": "str", "description": "str", "model": "str (alias, HF directory, .gguf file or hub id)",
     "dtype": " | ".join(DTYPES), "device": "cpu | cuda | cuda:N | mps | auto", "seed": "int",
     "threads": "int | null", "attention": "auto | an attention backend name (tokenmill.attention entry points)",
+    "cpu_gemm": "auto | packed",
     "plugins": "list", "order": "mapping hook -> [plugin, ...]",
     "compile": "mapping", "limits": "mapping", "parallel": "mapping",
 }
@@ -131,7 +133,7 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
                    "a .gguf file or a hub id", ("model",))
     paths = PathBase.for_source(None if isinstance(source, dict) else where)
     spec = PipelineSpec(model=paths.resolve(data["model"], "model"), source=where, raw=dict(data))
-    for key, tp in (("name", str), ("description", str), ("device", str), ("attention", str)):
+    for key, tp in (("name", str), ("description", str), ("device", str), ("attention", str), ("cpu_gemm", str)):
         if key in data:
             if not isinstance(data[key], tp):
                 raise fail(f"'{key}' must be {TOP_KEYS[key]}, got {data[key]!r}", (key,))
@@ -149,6 +151,8 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
         if spec.attention not in backends:
             raise fail(f"unknown attention backend '{spec.attention}'{closest(spec.attention, list(backends))}; "
                        "allowed: auto, " + ", ".join(sorted(backends)), ("attention",))
+    if spec.cpu_gemm not in ("auto", "packed"):
+        raise fail(f"'cpu_gemm' must be {TOP_KEYS['cpu_gemm']}; got {spec.cpu_gemm!r}", ("cpu_gemm",))
     for key in ("seed", "threads"):
         if key in data:
             val = data[key]

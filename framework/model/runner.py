@@ -75,14 +75,21 @@ def _compile_options(mode: str | None, device: torch.device, backend: str) -> di
     return options
 
 
+CPU_GEMM = ("auto", "packed")  # the pipeline's ``cpu_gemm`` values (docs/pipelines.md)
+
+
 class ModelRunner:
     """Runs any registered architecture on flattened batches over a paged KV pool."""
 
     def __init__(self, model, pool: KVPool, *, attention: str = "auto", compile_spec=None,
-                 max_model_len: int | None = None, shard: Shard | None = None) -> None:
+                 max_model_len: int | None = None, shard: Shard | None = None, cpu_gemm: str = "auto") -> None:
+        if cpu_gemm not in CPU_GEMM:
+            raise ValueError(f"unknown cpu_gemm {cpu_gemm!r}; allowed: {', '.join(CPU_GEMM)}")
         self.model = model
         self.config = model.config
         self.arch = build_arch(model, shard)
+        # cpu_gemm: packed -- float32 projections also kept in oneDNN's layout for steps of many rows
+        self.packed_weight_bytes = self.arch.linear.pack() if cpu_gemm == "packed" else 0
         self.pool = pool
         param = next(model.parameters())
         self.device = param.device

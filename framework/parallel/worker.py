@@ -41,7 +41,8 @@ class ModelPart:
         make = lambda: torch.zeros(shape, dtype=kv.dtype, device=kv.device)  # noqa: E731
         pool = KVPool([make() for _ in range(kv.num_layers)], [make() for _ in range(kv.num_layers)],
                       block_size=block_size, num_blocks=num_blocks)
-        return ModelRunner(model, pool, attention=spec.attention, max_model_len=max_len, shard=self.shard)
+        return ModelRunner(model, pool, attention=spec.attention, max_model_len=max_len, shard=self.shard,
+                           cpu_gemm=spec.cpu_gemm)
 
 
 def _die_with_parent(parent: int) -> None:

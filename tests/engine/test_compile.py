@@ -14,10 +14,14 @@ from tokenmill.model.batch import build_batch
 
 
 def test_compiled_matches_eager(tiny_llama_dir):
+    """Two sequences pad to 4 rows, five to 8: above the small-row GEMM path, where the eager step calls oneDNN,
+    which inductor cannot trace on a plain weight (the compiled step uses its own GEMM there)."""
     prompts = ["Compile me", "A second, longer prompt for the batch"]
+    prompts5 = prompts + ["three", "four is here", "and five"]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    eager = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False).generate(prompts, params)
-    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, compile={"enabled": True, "buckets": [1, 4]}),
+    eager_pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False)
+    eager, eager5 = eager_pipe.generate(prompts, params), eager_pipe.generate(prompts5, params)
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, compile={"enabled": True, "buckets": [1, 4, 8]}),
                               progress=False)
     calls = []
     compiled_fn = pipe.runner._compiled
@@ -25,6 +29,8 @@ def test_compiled_matches_eager(tiny_llama_dir):
     compiled = pipe.generate(prompts, params)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
     assert len(calls) >= 9  # every all-decode step went through the compiled graph
+    assert [r.token_ids for r in pipe.generate(prompts5, params)] == [r.token_ids for r in eager5]
+    assert len(calls) >= 18
     assert pipe.info()["compiled"]
 
 

@@ -156,3 +156,29 @@ def test_decode_attention_equals_sdpa():
     for m in (None, mask):
         torch.testing.assert_close(decode_attention(q, k, v, m, 0.25),
                                    F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True))
+
+
+def test_whole_prompts_run_causal_without_a_mask():
+    """Prompts from position 0 of one length class form a group of their own and run SDPA's causal kernel (no
+    explicit mask), giving each prompt's own causal attention although the shorter ones are padded; a later chunk
+    of the same length class keeps its masked group."""
+    g = torch.Generator().manual_seed(4)
+    layout = AttentionLayout(HQ, HK, D, BS, NB, 4096, torch.device("cpu"), torch.float32, (None,))
+    gather = SdpaGather(layout)
+    perm = torch.randperm(NB, generator=g).tolist()
+    items = [([1] * 7, 0, perm[0:2], 1), ([2] * 5, 0, perm[2:4], 1), ([3] * 6, 4, perm[4:7], 1)]
+    batch = build_batch(items, BS)
+    meta = gather.prepare(batch, None)
+    assert [(m[2] is None, m[3]) for m in meta] == [(False, False), (True, True)]
+    n = batch.num_tokens
+    q = torch.randn(n, HQ, D, generator=g)
+    kc, vc = torch.randn(NB * BS, HK, D, generator=g), torch.randn(NB * BS, HK, D, generator=g)
+    out = gather.forward(q, kc, vc, meta, LayerAttention(0.25))
+    for i in range(3):  # each sequence alone, through SDPA with its own causal mask
+        at, cnt, start = batch.offsets[i], batch.counts[i], batch.starts[i]
+        slots = torch.tensor([items[i][2][p // BS] * BS + p % BS for p in range(start + cnt)])
+        qi = q[at:at + cnt].transpose(0, 1)[None]
+        ki, vi = kc[slots].transpose(0, 1)[None], vc[slots].transpose(0, 1)[None]
+        mask = torch.ones(cnt, start + cnt, dtype=torch.bool).tril(start)
+        ref = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=0.25, enable_gqa=True)
+        torch.testing.assert_close(out[at:at + cnt], ref[0].transpose(0, 1).reshape(cnt, HQ * D))

@@ -82,3 +82,49 @@ def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
         torch.testing.assert_close(fn(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()).float(),
                                    rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(fn(x, codes), F.linear(x, codes.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_weights_give_the_plain_weights_values():
+    """A weight in oneDNN's layout (cpu_gemm: packed) gives bit for bit the plain weight's oneDNN result at every
+    row count above the small-row path (below it the plain weight is read)."""
+    lin = CpuLinear()
+    if lin.onednn is None:
+        pytest.skip("no oneDNN in this build")
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(97, 40, generator=g), torch.randn(97, generator=g)
+    packed = lin.pack(w)
+    for m in (1, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 17, 64, 300):
+        x = torch.randn(m, 40, generator=g)
+        for bias in (None, b):
+            with torch.inference_mode():
+                assert torch.equal(lin(x, w, bias, packed), lin(x, w, bias))
+
+
+def test_packed_pipeline_matches_hf_and_reports_its_bytes(tiny_llama_dir):
+    """``cpu_gemm: packed`` keeps every plain projection also in oneDNN's layout: a batch of many rows reads it,
+    greedy output stays HF's, and the added bytes are reported; a bad value is refused with the allowed ones."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_pipeline_dict
+    from tests.engine.test_hf_equality import hf_greedy
+    from tokenmill import Pipeline, SamplingParams
+    from tokenmill.errors import PipelineError
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build")
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, cpu_gemm="packed"), progress=False)
+    linear = pipe.runner.arch.linear
+    assert len(linear.packed) == linear.plain > 0
+    assert pipe.info()["packed_weight_bytes"] == pipe.runner.packed_weight_bytes > 0
+    reads = []
+    real = linear.cpu.onednn
+    linear.cpu.onednn = lambda x, w, *a: reads.append(any(w is p for _, p in linear.packed.values())) or real(x, w, *a)
+    prompts = ["hello world", "the quick brown fox jumps over", "one two three four five six seven"]
+    outs = pipe.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert reads and all(reads)  # the prompts' prefill rows went through the packed copies
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, pipe.encode(p), 8), p
+    assert Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False).info()["packed_weight_bytes"] == 0
+    with pytest.raises(PipelineError, match="'cpu_gemm' must be auto | packed; got 'fast'"):
+        Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, cpu_gemm="fast"), progress=False)

@@ -62,18 +62,40 @@ class Linear:
 
     def __init__(self, cpu_fp32: bool) -> None:
         self.cpu = CpuLinear() if cpu_fp32 else None
-        self.plain = 0  # projections applied through __call__ (plain nn.Linear; a fused group counts once)
+        self.weights: list[torch.Tensor] = []  # the weight of each projection applied through __call__
+        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, packed copy)
+
+    @property
+    def plain(self) -> int:
+        """Projections applied through __call__ (plain nn.Linear; a fused group counts once)."""
+        return len(self.weights)
+
+    def pack(self) -> int:
+        """Keep every plain projection's weight also in oneDNN's layout (``cpu_gemm: packed``); returns the bytes
+        added (0 where there is no CPU float32 path). The copies are taken now: the weights must not change
+        afterwards (a pipeline's do not)."""
+        if self.cpu is None:
+            return 0
+        for w in self.weights:
+            packed = self.cpu.pack(w.detach())
+            if packed is None:
+                return 0
+            self.packed[id(w)] = (w, packed)  # holding ``w`` keeps its id from being reused
+        return sum(p.numel() * p.element_size() for _, p in self.packed.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = compiled_gemv(x, weight)
         if out is not None:
             out = out.to(x.dtype)
             return out if bias is None else out + bias
-        return F.linear(x, weight, bias) if self.cpu is None else self.cpu(x, weight, bias)
+        if self.cpu is None:
+            return F.linear(x, weight, bias)
+        entry = self.packed.get(id(weight))
+        return self.cpu(x, weight, bias, None if entry is None else entry[1])
 
     def module(self, mod) -> Callable[[torch.Tensor], torch.Tensor]:
         if type(mod) is torch.nn.Linear:
-            self.plain += 1
+            self.weights.append(mod.weight)
             return lambda x: self(x, mod.weight, mod.bias)
         return mod
 
@@ -95,7 +117,7 @@ class Linear:
                 m.bias.data = b[start:start + n]
             sizes.append(n)
             start += n
-        self.plain += 1
+        self.weights.append(w)
         return lambda x: self(x, w, b).split(sizes, dim=-1)
 
     def split(self, mod, sizes: list[int]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:

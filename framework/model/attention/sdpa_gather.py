@@ -16,10 +16,12 @@ from tokenmill.model.batch import ForwardBatch
 
 
 def query_groups(batch: ForwardBatch) -> list[list[int]]:
-    """Sequence indices grouped by query length: decodes (1 token) first, then chunks by power of two."""
-    buckets: dict[int, list[int]] = {}
+    """Sequence indices grouped by query length: decodes (1 token) first, then chunks by power of two, a length
+    class's whole prompts (chunks from position 0, no draft tree) apart from its later chunks."""
+    buckets: dict[tuple[int, bool], list[int]] = {}
     for i, n in enumerate(batch.counts):
-        buckets.setdefault(0 if n == 1 else max(n - 1, 1).bit_length(), []).append(i)
+        whole = n > 1 and batch.starts[i] == 0 and i not in batch.trees
+        buckets.setdefault((0 if n == 1 else max(n - 1, 1).bit_length(), whole), []).append(i)
     return [members for _, members in sorted(buckets.items())]
 
 
@@ -78,8 +80,9 @@ class SdpaGather(AttentionBackend):
         single = b == 1 and window is None and not kv_multiple and not trees
         if single and counts[0] == 1:                                # one decode: attend to every key
             mask, causal = None, False
-        elif single and starts[0] == 0:                              # one whole prompt: plain causal
-            mask, causal = None, True
+        elif window is None and not kv_multiple and not trees and not any(starts):
+            mask, causal = None, True  # whole prompts: SDPA's causal kernel (it skips the blocks above the
+            # diagonal); a shorter prompt's padded query rows read keys past its end, but no valid row does
         else:
             qpos = start[:, None] + t[None, :]                       # [B, T] slot of each query row
             mask = k[None, None, :] <= qpos[:, :, None]
