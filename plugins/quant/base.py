@@ -117,6 +117,13 @@ class QuantLinear(torch.nn.Module):
                       device: torch.device, **opts: Any) -> "QuantLinear":
         raise NotImplementedError
 
+    @classmethod
+    def fuse(cls, mods: list["QuantLinear"]) -> "QuantLinear | None":
+        """One module computing ``mods`` (same input) side by side, their outputs concatenated, or None where
+        this format cannot (the model runner then calls each). Called by the runner for q/k/v and gate/up;
+        an implementation should share the parts' storage rather than copy it."""
+        return None
+
     # -- shared --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x if x.dim() == 2 else x.reshape(-1, self.in_features)).to(x.dtype)

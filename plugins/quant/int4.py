@@ -217,6 +217,35 @@ class Int4Linear(QuantLinear):
             y = F.linear(xc, self._dequant_padded(cd))
         return y[:, :self.out_features]
 
+    @classmethod
+    def fuse(cls, mods: list["Int4Linear"]) -> "Int4Linear | None":
+        """q/k/v or gate/up as one CPU kernel call: the packed layout keeps blocks of output rows apart, so the
+        parts' packed rows, stacked, are the packed form of their stacked codes (checked here, where a layout
+        would not allow it the parts stay apart). The parts' ``packed`` become views of the fused one: no second
+        copy. One model's worth of decode projections at one row (default model shapes, 1 / 2 threads, AMD
+        EPYC): 6.74 / 4.42 ms as 210 calls, 6.45 / 3.88 ms as 120."""
+        first = mods[0]
+        same = all(type(m) is cls and m.layout is not None and m.np_ == m.out_features and m.kp == first.kp
+                   and m.in_features == first.in_features and m.group_size == first.group_size
+                   and m.compute_dtype == first.compute_dtype and m.kernel_max_rows == first.kernel_max_rows
+                   and m.compile_kernels == first.compile_kernels and (m.bias is None) == (first.bias is None)
+                   for m in mods)
+        if len(mods) < 2 or not same:
+            return None
+        q = torch.cat([m._q_padded() for m in mods])
+        scales, zeros = (torch.cat(parts) for parts in zip(*(m._scale_zero() for m in mods)))
+        bias = None if first.bias is None else torch.cat([m.bias for m in mods])
+        fused = cls(q, scales, zeros, bias, in_features=first.in_features, out_features=q.shape[0],
+                    group_size=first.group_size, compute_dtype=first.compute_dtype,
+                    kernel_max_rows=first.kernel_max_rows, compile_kernels=first.compile_kernels)
+        if fused.layout is None or not torch.equal(fused.packed, torch.cat([m.packed for m in mods])):
+            return None
+        start = 0
+        for m in mods:
+            m._buffers["packed"] = fused.packed[start:start + m.out_features]
+            start += m.out_features
+        return fused
+
     # -- (de)serialization ---------------------------------------------------------------------------
     def portable_state(self):
         s, z = self._scale_zero()

@@ -119,6 +119,29 @@ def test_int4_fast_matches_reference(n, k, group):
     close(ref32(x), ref32.reference_forward(x), 1e-4)
 
 
+def test_int4_parts_fuse_into_one_kernel_call_over_shared_storage():
+    """q/k/v-like parts become one module whose output is the parts' outputs side by side, the parts' packed
+    codes views of its storage (they still compute alone, and save, as before); parts that differ stay apart."""
+    torch.manual_seed(7)
+    parts = [Int4Linear.from_float(torch.randn(n, 128), None, group_size=32, compute_dtype=torch.bfloat16,
+                                   compile_kernels=False) for n in (192, 64, 64)]
+    xs = [torch.randn(m, 128) for m in (1, 2, 9)]
+    alone = [[p(x) for p in parts] for x in xs]
+    saved = [p.portable_state()[1]["qweight"].clone() for p in parts]
+    fused = Int4Linear.fuse(parts)
+    assert fused is not None and fused.out_features == 320
+    for x, outs in zip(xs, alone):
+        torch.testing.assert_close(fused(x), torch.cat(outs, dim=-1), rtol=0, atol=0)
+        for p, out in zip(parts, outs):
+            assert torch.equal(p(x), out)
+    for p, q in zip(parts, saved):
+        assert p.packed.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr()
+        assert torch.equal(p.portable_state()[1]["qweight"], q)
+    other = Int4Linear.from_float(torch.randn(64, 128), None, group_size=64, compute_dtype=torch.bfloat16,
+                                  compile_kernels=False)
+    assert Int4Linear.fuse([parts[1], other]) is None and Int4Linear.fuse(parts[:1]) is None
+
+
 @pytest.mark.parametrize("n,k,block,dq", [(64, 64, 64, True), (100, 70, 64, False), (48, 200, 32, True)])
 def test_nf4_eager_matches_reference(n, k, block, dq):
     torch.manual_seed(n + k)

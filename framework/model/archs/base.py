@@ -101,10 +101,16 @@ class Linear:
 
     def fused(self, mods: list) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
         """One GEMM for several projections of the same input when all are plain ``nn.Linear`` (the modules'
-        parameters become views into the fused storage: no copy kept, the HF module tree stays valid); else
-        one call each."""
+        parameters become views into the fused storage: no copy kept, the HF module tree stays valid), or when
+        their (quantized) class fuses them itself (a ``fuse(mods)`` classmethod returning one module, or None);
+        else one call each."""
         has_bias = [m.bias is not None for m in mods]
         if not all(type(m) is torch.nn.Linear for m in mods) or (any(has_bias) and not all(has_bias)):
+            fuse = getattr(type(mods[0]), "fuse", None)  # a quantized module's own fusion (QuantLinear.fuse)
+            one = fuse(mods) if fuse is not None and all(type(m) is type(mods[0]) for m in mods) else None
+            if one is not None:
+                sizes = [m.out_features for m in mods]
+                return lambda x: one(x).split(sizes, dim=-1)
             calls = [self.module(m) for m in mods]
             return lambda x: tuple(c(x) for c in calls)
         w = torch.cat([m.weight.data for m in mods], 0)
