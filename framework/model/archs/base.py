@@ -74,13 +74,10 @@ class Linear:
         """Keep every plain projection's weight also in oneDNN's layout (``cpu_gemm: packed``); returns the bytes
         added (0 where there is no CPU float32 path). The copies are taken now: the weights must not change
         afterwards (a pipeline's do not)."""
-        if self.cpu is None:
+        if self.cpu is None or self.cpu.onednn is None:
             return 0
-        for w in self.weights:
-            packed = self.cpu.pack(w.detach())
-            if packed is None:
-                return 0
-            self.packed[id(w)] = (w, packed)  # holding ``w`` keeps its id from being reused
+        for w in self.weights:  # holding ``w`` keeps its id from being reused
+            self.packed[id(w)] = (w, self.cpu.pack(w.detach()))
         return sum(p.numel() * p.element_size() for _, p in self.packed.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
