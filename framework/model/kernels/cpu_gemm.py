@@ -95,13 +95,12 @@ class CpuLinear:
                  packed: torch.Tensor | None = None) -> torch.Tensor:
         """``packed``: ``weight`` as :meth:`pack` laid it out, used above the small-row path."""
         m = x.shape[0]
-        if torch.compiler.is_compiling():  # inductor lowers no oneDNN linear on a plain weight: its own mm
-            return F.linear(x, weight, bias)
         if 0 < m <= self.skinny_max_rows:
             xs = torch.cat([x, x[:1]]) if m in self.pad_rows else x
             out = torch.mm(weight, xs.t()).t()[:m].contiguous()
             return out if bias is None else out + bias
-        if self.onednn is not None and m > 0:
+        # traced by torch.compile, inductor's own mm: it lowers no oneDNN linear on a plain weight
+        if self.onednn is not None and m > 0 and not torch.compiler.is_compiling():
             return self.onednn(x, weight if packed is None else packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
