@@ -15,6 +15,7 @@ from tokenmill.host import FIRSTRESULT_HOOKS, PluginEntry, discover_plugins, hoo
 from tokenmill.options import OptionError, PathBase, build_options, closest
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+CPU_GEMM = ("auto", "packed")  # cpu_gemm: float32 projections with one weight copy, or also packed for oneDNN
 
 
 @dataclass(slots=True)
@@ -93,7 +94,7 @@ TOP_KEYS: dict[str, str] = {
     "name": "str", "description": "str", "model": "str (alias, HF directory, .gguf file or hub id)",
     "dtype": " | ".join(DTYPES), "device": "cpu | cuda | cuda:N | mps | auto", "seed": "int",
     "threads": "int | null", "attention": "auto | an attention backend name (tokenmill.attention entry points)",
-    "cpu_gemm": "auto | packed",
+    "cpu_gemm": " | ".join(CPU_GEMM),
     "plugins": "list", "order": "mapping hook -> [plugin, ...]",
     "compile": "mapping", "limits": "mapping", "parallel": "mapping",
 }
@@ -151,7 +152,7 @@ def load_spec(source: str | os.PathLike | dict, *, catalog: dict[str, PluginEntr
         if spec.attention not in backends:
             raise fail(f"unknown attention backend '{spec.attention}'{closest(spec.attention, list(backends))}; "
                        "allowed: auto, " + ", ".join(sorted(backends)), ("attention",))
-    if spec.cpu_gemm not in ("auto", "packed"):
+    if spec.cpu_gemm not in CPU_GEMM:
         raise fail(f"'cpu_gemm' must be {TOP_KEYS['cpu_gemm']}; got {spec.cpu_gemm!r}", ("cpu_gemm",))
     for key in ("seed", "threads"):
         if key in data:

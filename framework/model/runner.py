@@ -20,6 +20,7 @@ from tokenmill.model.attention import AttentionLayout, backend_class
 from tokenmill.model.batch import ForwardBatch, build_batch
 from tokenmill.model.kernels.cpu_gemm import CHOICES
 from tokenmill.model.shard import Shard
+from tokenmill.spec import CPU_GEMM
 
 
 @dataclass(slots=True)
@@ -79,9 +80,6 @@ def _compile_options(mode: str | None, device: torch.device, backend: str) -> di
     if device.type == "cpu":
         options["realize_acc_reads_threshold"] = 2
     return options
-
-
-CPU_GEMM = ("auto", "packed")  # the pipeline's ``cpu_gemm`` values (docs/pipelines.md)
 
 
 class ModelRunner:

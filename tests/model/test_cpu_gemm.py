@@ -118,7 +118,7 @@ def test_packed_pipeline_matches_hf_and_reports_its_bytes(tiny_llama_dir):
     assert pipe.info()["packed_weight_bytes"] == pipe.runner.packed_weight_bytes > 0
     reads = []
     real = linear.cpu.onednn
-    linear.cpu.onednn = lambda x, w, *a: reads.append(any(w is p for _, p in linear.packed.values())) or real(x, w, *a)
+    linear.cpu.onednn = lambda x, w, *a: reads.append(any(w is p for p in linear.packed.values())) or real(x, w, *a)
     prompts = ["hello world", "the quick brown fox jumps over", "one two three four five six seven"]
     outs = pipe.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     assert reads and all(reads)  # the prompts' prefill rows went through the packed copies

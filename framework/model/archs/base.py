@@ -63,7 +63,7 @@ class Linear:
     def __init__(self, cpu_fp32: bool) -> None:
         self.cpu = CpuLinear() if cpu_fp32 else None
         self.weights: list[torch.Tensor] = []  # the weight of each projection applied through __call__
-        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, packed copy)
+        self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy in oneDNN's layout (weights holds it)
 
     @property
     def plain(self) -> int:
@@ -76,9 +76,9 @@ class Linear:
         afterwards (a pipeline's do not)."""
         if self.cpu is None or self.cpu.onednn is None:
             return 0
-        for w in self.weights:  # holding ``w`` keeps its id from being reused
-            self.packed[id(w)] = (w, self.cpu.pack(w.detach()))
-        return sum(p.numel() * p.element_size() for _, p in self.packed.values())
+        for w in self.weights:  # ``weights`` holds each ``w``, so no other tensor takes its id
+            self.packed[id(w)] = self.cpu.pack(w.detach())
+        return sum(p.numel() * p.element_size() for p in self.packed.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = compiled_gemv(x, weight)
@@ -87,8 +87,7 @@ class Linear:
             return out if bias is None else out + bias
         if self.cpu is None:
             return F.linear(x, weight, bias)
-        entry = self.packed.get(id(weight))
-        return self.cpu(x, weight, bias, None if entry is None else entry[1])
+        return self.cpu(x, weight, bias, self.packed.get(id(weight)))
 
     def module(self, mod) -> Callable[[torch.Tensor], torch.Tensor]:
         if type(mod) is torch.nn.Linear:

@@ -77,10 +77,10 @@ class SdpaGather(AttentionBackend):
         t, k = torch.arange(t_max), torch.arange(kv_idx.shape[1])
         tok, out_idx, out_sel = group_rows(batch, members, t_max)
         trees = {j: batch.trees[i] for j, i in enumerate(members) if i in batch.trees}
-        single = b == 1 and window is None and not kv_multiple and not trees
-        if single and counts[0] == 1:                                # one decode: attend to every key
+        unmasked = window is None and not kv_multiple and not trees
+        if unmasked and b == 1 and counts[0] == 1:                   # one decode: attend to every key
             mask, causal = None, False
-        elif window is None and not kv_multiple and not trees and not any(starts):
+        elif unmasked and not any(starts):
             mask, causal = None, True  # whole prompts: SDPA's causal kernel (it skips the blocks above the
             # diagonal); a shorter prompt's padded query rows read keys past its end, but no valid row does
         else:
