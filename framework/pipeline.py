@@ -328,7 +328,8 @@ class Pipeline:
             "max_num_seqs": self.limits.max_num_seqs, "max_model_len": self.limits.max_model_len,
             "max_num_batched_tokens": self.limits.max_num_batched_tokens,
             "compiled": self.runner.compiled, "attention": self.runner.attention.name,
-            "cpu_gemm": self.runner.cpu_gemm, "packed_weight_bytes": self.runner.packed_weight_bytes,
+            "cpu_gemm": self.runner.cpu_gemm, "cpu_gemm_skinny_rows": self.runner.cpu_gemm_skinny_rows,
+            "packed_weight_bytes": self.runner.packed_weight_bytes,
             "plugins": {p.name: repr(getattr(self._plugins[p.name], "options", None)) for p in self.spec.plugins},
             "tensor_parallel": {"size": self.spec.parallel.tensor_parallel_size,
                                 "weight_bytes_per_rank": self.runner.weight_bytes()}

@@ -117,6 +117,12 @@ class ModelRunner:
             self.decode_buckets = list(compile_spec.buckets)
 
     @property
+    def cpu_gemm_skinny_rows(self) -> int | None:
+        """Up to how many rows a step's float32 projections run ``W @ x^T`` (None: no CPU float32 path)."""
+        cpu = self.arch.linear.cpu
+        return None if cpu is None else cpu.skinny_max_rows
+
+    @property
     def compiled(self) -> bool:
         return self._compiled is not None
 
@@ -205,28 +211,53 @@ class ModelRunner:
     def tune_cpu_gemm(self, steps: int = 5) -> str | None:
         """CPU fp32 only: time whole one-token decode steps through each small-row GEMM path (``W @ x^T`` with
         and without the padded row, oneDNN; :data:`tokenmill.model.kernels.cpu_gemm.CHOICES`), interleaved, and
-        keep the fastest median for this machine (which wins differs between CPUs). Returns the choice's name,
-        or None where there is nothing to choose (no oneDNN, or every projection a quantized module: a
-        quantized pipeline's build skips the timing), or where the decode steps are compiled (inductor cannot
-        lower oneDNN's linear at one row, so a compiled runner keeps the default). Like :meth:`warm_up` it
-        writes only a slot of the fresh pool that its owner overwrites before reading."""
+        keep the fastest median for this machine (which wins differs between CPUs). Where that is a ``W @ x^T``
+        path, it then finds the row count up to which it stays faster than oneDNN (:meth:`_tune_skinny_rows`).
+        Returns the choice's name, or None where there is nothing to choose (no oneDNN, or every projection a
+        quantized module: a quantized pipeline's build skips the timing), or where the decode steps are compiled
+        (inductor cannot lower oneDNN's linear at one row, so a compiled runner keeps the default). Like
+        :meth:`warm_up` it writes only slots of the fresh pool that their owner overwrites before reading."""
         cpu = self.arch.linear.cpu
         if cpu is None or cpu.onednn is None or self.compiled or not self.arch.linear.plain:
             return None
-        item = [([0], 0, [0], 1)]
-        times: dict[str, list[float]] = {name: [] for name in CHOICES}
-        for name in times:  # one untimed step each
-            cpu.choose(name)
+        times = self._time_settings({name: CHOICES[name] for name in CHOICES}, 1, steps)
+        self.cpu_gemm = min(times, key=times.get)
+        cpu.choose(self.cpu_gemm)
+        if cpu.skinny_max_rows > 1:
+            self._tune_skinny_rows(steps)
+        return self.cpu_gemm
+
+    def _tune_skinny_rows(self, steps: int) -> None:
+        """Lower ``skinny_max_rows`` to the last row count (from 2 up) whose step ``W @ x^T`` runs faster than
+        oneDNN. With packed weights (``cpu_gemm: packed``) oneDNN wins from 3 rows on the dev box (one-sequence
+        steps at 300 positions, 2 threads: 3 rows 35.6 vs 42.2 ms, 4 rows 34.2 vs 41.4), which makes the short
+        verifies of speculative decoding cheaper; with plain weights ``W @ x^T`` keeps every row up to 4."""
+        cpu = self.arch.linear.cpu
+        top, pad = cpu.skinny_max_rows, cpu.pad_rows
+        for rows in range(2, top + 1):
+            times = self._time_settings({"skinny": (rows, pad), "onednn": (rows - 1, pad)}, rows, steps)
+            if times["onednn"] < times["skinny"]:
+                cpu.skinny_max_rows = rows - 1
+                return
+        cpu.skinny_max_rows = top
+
+    def _time_settings(self, settings: dict[str, tuple[int, tuple[int, ...]]], rows: int,
+                       steps: int) -> dict[str, float]:
+        """Median seconds of a one-sequence step of ``rows`` new tokens under each ``(skinny_max_rows, pad_rows)``
+        setting: one untimed step each, then ``steps`` rounds interleaved."""
+        cpu = self.arch.linear.cpu
+        item = [([0] * rows, 0, list(range(-(-rows // self.pool.block_size))), rows)]
+        times: dict[str, list[float]] = {name: [] for name in settings}
+        for name in times:
+            cpu.skinny_max_rows, cpu.pad_rows = settings[name]
             self.run(item)
         for _ in range(steps):
             for name, ts in times.items():
-                cpu.choose(name)
+                cpu.skinny_max_rows, cpu.pad_rows = settings[name]
                 t0 = time.perf_counter()
                 self.run(item)
                 ts.append(time.perf_counter() - t0)
-        self.cpu_gemm = min(times, key=lambda name: sorted(times[name])[len(times[name]) // 2])
-        cpu.choose(self.cpu_gemm)
-        return self.cpu_gemm
+        return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
     @torch.inference_mode()
     def move_kv(self, block_table: list[int], src: list[int], dst: list[int]) -> None:

@@ -67,6 +67,42 @@ def test_the_runner_keeps_the_fastest_small_row_path(tiny_llama_dir, monkeypatch
     assert pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids == ref
 
 
+def test_the_runner_finds_up_to_how_many_rows_the_skinny_path_wins(tiny_llama_dir, monkeypatch):
+    """After the one-row choice, tune_cpu_gemm times steps of 2, 3, ... rows both ways and keeps ``W @ x^T`` only
+    up to the last row count where it was faster. The clock is faked: a step of 1-2 rows reads 1 tick through
+    ``W @ x^T`` and 3 through oneDNN, a longer one the other way round."""
+    from tests.conftest import tiny_pipeline_dict
+    from tokenmill import Pipeline, SamplingParams
+    from tokenmill.model import runner as runner_mod
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build: nothing to choose")
+    pipe = Pipeline.from_dict(dict(tiny_pipeline_dict(tiny_llama_dir), cpu_gemm="packed"), progress=False)
+    runner, cpu = pipe.runner, pipe.runner.arch.linear.cpu
+    ref = pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    rows, clock = [1], [0.0]
+    run = runner.run
+
+    def counting_run(items, **kw):
+        rows[0] = sum(len(item[0]) for item in items)
+        return run(items, **kw)
+
+    def fake_clock():
+        skinny = 0 < rows[0] <= cpu.skinny_max_rows
+        one_row_fast = (cpu.skinny_max_rows, cpu.pad_rows) == CHOICES["skinny"]
+        clock[0] += (1.0 if one_row_fast else 3.0) if rows[0] == 1 else \
+            1.0 if skinny == (rows[0] <= 2) else 3.0
+        return clock[0]
+
+    monkeypatch.setattr(runner, "run", counting_run)
+    monkeypatch.setattr(runner_mod.time, "perf_counter", fake_clock)
+    assert runner.tune_cpu_gemm() == "skinny"
+    monkeypatch.undo()
+    assert runner.cpu_gemm_skinny_rows == cpu.skinny_max_rows == 2
+    assert pipe.info()["cpu_gemm_skinny_rows"] == 2
+    assert pipe.generate(["hello world"], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids == ref
+
+
 def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
     """Traced by torch.compile, one row becomes a product and a sum (any weight dtype; int8 codes are the caller's
     to scale) equal to F.linear; eagerly, or for more rows, it leaves the call to the caller's kernel."""
