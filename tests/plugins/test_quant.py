@@ -142,6 +142,25 @@ def test_int4_parts_fuse_into_one_kernel_call_over_shared_storage():
     assert Int4Linear.fuse([parts[1], other]) is None and Int4Linear.fuse(parts[:1]) is None
 
 
+def test_dynamic_shape_runners_keep_quantized_parts_apart(tiny_llama_dir, monkeypatch):
+    """A runner compiled with dynamic shapes (the speculative plugin's draft) does not fuse quantized q/k/v or
+    gate/up: dynamo turned the fused output's split sizes symbolic, and the self-draft's first compile took
+    570 s instead of 85. Any other runner fuses them."""
+    from tokenmill.model import ModelRunner
+    from tokenmill.spec import CompileSpec
+
+    pipe = quant_pipe(tiny_llama_dir, "int4", {"group_size": 32, "compile_kernels": False})
+    calls = []
+    fuse = Int4Linear.fuse.__func__
+    monkeypatch.setattr(Int4Linear, "fuse", classmethod(lambda cls, mods: calls.append(len(mods)) or fuse(cls, mods)))
+    model, pool = pipe.loaded.model, pipe.runner.pool
+    ModelRunner(model, pool, compile_spec=CompileSpec(enabled=True, dynamic=True, buckets=[1, 2]))
+    assert calls == []
+    ModelRunner(model, pool, compile_spec=CompileSpec(enabled=True, dynamic=False, buckets=[1]))
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == [2] * layers + [3] * layers  # gate/up and q/k/v of every layer
+
+
 @pytest.mark.parametrize("n,k,block,dq", [(64, 64, 64, True), (100, 70, 64, False), (48, 200, 32, True)])
 def test_nf4_eager_matches_reference(n, k, block, dq):
     torch.manual_seed(n + k)

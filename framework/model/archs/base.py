@@ -60,8 +60,9 @@ class Linear:
     :func:`~tokenmill.model.kernels.cpu_gemm.compiled_gemv`), anything else (a quantized replacement) called as it
     is."""
 
-    def __init__(self, cpu_fp32: bool) -> None:
+    def __init__(self, cpu_fp32: bool, *, fuse_quantized: bool = True) -> None:
         self.cpu = CpuLinear() if cpu_fp32 else None
+        self.fuse_quantized = fuse_quantized  # offer quantized siblings to their class's fuse()
         self.weights: list[torch.Tensor] = []  # the weight of each projection applied through __call__
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy in oneDNN's layout (weights holds it)
 
@@ -98,11 +99,11 @@ class Linear:
     def fused(self, mods: list) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
         """One GEMM for several projections of the same input when all are plain ``nn.Linear`` (the modules'
         parameters become views into the fused storage: no copy kept, the HF module tree stays valid), or when
-        their (quantized) class fuses them itself (a ``fuse(mods)`` classmethod returning one module, or None);
-        else one call each."""
+        their (quantized) class fuses them itself (a ``fuse(mods)`` classmethod returning one module, or None)
+        and ``fuse_quantized`` is on (the model runner turns it off for dynamic-shape graphs); else one call each."""
         has_bias = [m.bias is not None for m in mods]
         if not all(type(m) is torch.nn.Linear for m in mods) or (any(has_bias) and not all(has_bias)):
-            fuse = getattr(type(mods[0]), "fuse", None)  # a quantized module's own fusion (QuantLinear.fuse)
+            fuse = getattr(type(mods[0]), "fuse", None) if self.fuse_quantized else None  # QuantLinear.fuse
             one = fuse(mods) if fuse is not None and all(type(m) is type(mods[0]) for m in mods) else None
             if one is not None:
                 sizes = [m.out_features for m in mods]
@@ -136,7 +137,8 @@ class Arch:
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model, shard: Shard | None = None) -> None:
+    def __init__(self, model, shard: Shard | None = None, *, fuse_quantized: bool = True) -> None:
+        """``fuse_quantized``: let quantized q/k/v and gate/up fuse (see :meth:`Linear.fused`)."""
         self.model = model
         self.shard = shard  # tensor parallelism: the model was sliced by shard_model; partial sums all-reduced
         self.config = cfg = model.config
@@ -144,7 +146,7 @@ class Arch:
         self.base = base
         self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(model)
         param = next(model.parameters())
-        self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32)
+        self.linear = Linear(param.device.type == "cpu" and param.dtype == torch.float32, fuse_quantized=fuse_quantized)
         self.layers = [self.layer(i, hf) for i, hf in enumerate(base.layers)]
         self.lm_head = self.linear.module(model.lm_head)
         if shard is not None:  # the row-parallel outputs are partial sums

@@ -25,5 +25,5 @@ def arch_for(model_type: str) -> type[Arch]:
                              + ", ".join(supported_model_types())) from None
 
 
-def build_arch(model, shard=None) -> Arch:
-    return arch_for(model.config.model_type)(model, shard)
+def build_arch(model, shard=None, *, fuse_quantized: bool = True) -> Arch:
+    return arch_for(model.config.model_type)(model, shard, fuse_quantized=fuse_quantized)
