@@ -91,8 +91,8 @@ class ModelRunner:
             raise ValueError(f"unknown cpu_gemm {cpu_gemm!r}; allowed: {', '.join(CPU_GEMM)}")
         self.model = model
         self.config = model.config
-        # dynamic-shape graphs keep quantized q/k/v and gate/up apart: the split of a fused output by sizes that
-        # dynamo makes symbolic took the self-draft's first compile from 85 s to 570 s (2 threads, AMD EPYC)
+        # dynamic-shape graphs keep quantized q/k/v and gate/up apart: traced with symbolic sizes, each layer's views
+        # of a fused module's output took the self-draft's first compile from 85 s to 570 s (2 threads, AMD EPYC)
         dynamic = compile_spec is not None and compile_spec.enabled and compile_spec.dynamic
         self.arch = build_arch(model, shard, fuse_quantized=not dynamic)
         # cpu_gemm: packed -- float32 projections also kept in oneDNN's layout for steps of many rows

@@ -144,15 +144,16 @@ def test_int4_parts_fuse_into_one_kernel_call_over_shared_storage():
 
 def test_dynamic_shape_runners_keep_quantized_parts_apart(tiny_llama_dir, monkeypatch):
     """A runner compiled with dynamic shapes (the speculative plugin's draft) does not fuse quantized q/k/v or
-    gate/up: dynamo turned the fused output's split sizes symbolic, and the self-draft's first compile took
-    570 s instead of 85. Any other runner fuses them."""
+    gate/up: traced with symbolic sizes, the fused modules took the self-draft's first compile to 570 s instead
+    of 85. Any other runner fuses them."""
     from tokenmill.model import ModelRunner
     from tokenmill.spec import CompileSpec
 
     pipe = quant_pipe(tiny_llama_dir, "int4", {"group_size": 32, "compile_kernels": False})
     calls = []
     fuse = Int4Linear.fuse.__func__
-    monkeypatch.setattr(Int4Linear, "fuse", classmethod(lambda cls, mods: calls.append(len(mods)) or fuse(cls, mods)))
+    monkeypatch.setattr(Int4Linear, "fuse",
+                        classmethod(lambda cls, mods: calls.append(len(mods)) or fuse(cls, mods)))
     model, pool = pipe.loaded.model, pipe.runner.pool
     ModelRunner(model, pool, compile_spec=CompileSpec(enabled=True, dynamic=True, buckets=[1, 2]))
     assert calls == []
