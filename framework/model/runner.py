@@ -223,7 +223,7 @@ class ModelRunner:
         cpu = self.arch.linear.cpu
         if cpu is None or cpu.onednn is None or self.compiled or not self.arch.linear.plain:
             return None
-        times = self._time_settings({name: CHOICES[name] for name in CHOICES}, 1, steps)
+        times = self._time_settings(CHOICES, 1, steps)
         self.cpu_gemm = min(times, key=times.get)
         cpu.choose(self.cpu_gemm)
         if cpu.skinny_max_rows > 1:
