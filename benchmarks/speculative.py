@@ -51,7 +51,11 @@ weights are int8); any drafter row above (``DRAFTER_adaptive`` for ``adaptive: t
 throughput (generated tokens / seconds from the first submit to the last finish),
 the ratio to no speculation, ``stats()["spec"]`` and, for the drafters, how many engine steps ran with speculation
 on vs off (``steps_on`` / ``steps_off`` of the drafter plugin) and what its draft planner measured. Writes results/speculative-concurrent[-quick].json
-and .png. ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at most 8 requests of 16 tokens
+and .png. ``--same-process`` (with ``--concurrent``): every row is built in one process and the rows' bursts
+alternate for ``--repeats`` rounds; a row's ratio is then the median over rounds of its throughput over the
+reference's in the same round (the spread between processes on the dev box, 15-30 %, is larger than what
+speculation changes under load; drafters' planners keep what they learned from one round to the next, as in a
+running service). ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at most 8 requests of 16 tokens
 (concurrent).
 """
 from __future__ import annotations
@@ -311,8 +315,10 @@ def child_batch1(row: str, cfg: dict) -> dict:
     return res
 
 
-def child_concurrent(row: str, cfg: dict) -> dict:
-    from tokenmill import Pipeline, SamplingParams, load_spec
+def build_concurrent(row: str, cfg: dict) -> tuple:
+    """A concurrent row's pipeline, built and ready (a compiled draft warmed up). -> (pipe, drafter plugin name,
+    label, pipeline dict, build seconds)."""
+    from tokenmill import Pipeline, load_spec
 
     if row.startswith("@"):
         data, plugin_name, label = shipped_row(row, cfg, max(cfg["requests"], 16))
@@ -323,7 +329,13 @@ def child_concurrent(row: str, cfg: dict) -> dict:
     t0 = time.perf_counter()
     pipe = Pipeline(load_spec(data), progress=False)
     pipe.wait_ready()  # a compiled draft warms up in the background: time the pipeline once it speculates
-    build_s = time.perf_counter() - t0
+    return pipe, plugin_name, label, data, time.perf_counter() - t0
+
+
+def time_concurrent(pipe, plugin_name: str | None, cfg: dict) -> dict:
+    """One timed burst of ``cfg["requests_list"]`` through ``pipe`` (after a batch-1 warm-up, prefix cache cleared)."""
+    from tokenmill import SamplingParams
+
     pipe.generate([WARMUP_PROMPT], SamplingParams(max_tokens=8, ignore_eos=True), chat=True)  # warm-up, batch 1
     pipe.clear_prefix_cache()
     params = SamplingParams(max_tokens=cfg["new_tokens"], ignore_eos=True)
@@ -347,7 +359,7 @@ def child_concurrent(row: str, cfg: dict) -> dict:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[:3]}")
     d = c.delta()
     gen = sum(len(o.token_ids) for o in outs)
-    res = {"label": label, "pipeline": data, "build_s": build_s, "wall_s": wall, "generated_tokens": gen,
+    res = {"wall_s": wall, "generated_tokens": gen,
            "tok_per_s": gen / wall, "engine_steps": d["steps"], "tokens_per_step": gen / d["steps"],
            "mean_batch_size": sum(batch_sizes) / len(batch_sizes) if batch_sizes else None,
            "tokens": [o.token_ids for o in outs], "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
@@ -364,6 +376,42 @@ def child_concurrent(row: str, cfg: dict) -> dict:
     return res
 
 
+def child_concurrent(row: str, cfg: dict) -> dict:
+    pipe, plugin_name, label, data, build_s = build_concurrent(row, cfg)
+    return dict(time_concurrent(pipe, plugin_name, cfg), label=label, pipeline=data, build_s=build_s)
+
+
+def child_concurrent_same_process(rows: list[str], cfg: dict) -> dict:
+    """``--same-process``: every row's pipeline built in this one process, then the bursts run round-robin
+    ``cfg["repeats"]`` times (rows alternating), so rows are compared without the spread between processes.
+    -> ``{"runs": {row: [run, ...]}}``; a row that fails to build or run is one failed run."""
+    import traceback
+
+    built, runs = {}, {row: [] for row in rows}
+    for row in rows:
+        print(f"[{time.strftime('%H:%M:%S')}] building {row} ...", file=sys.stderr, flush=True)
+        try:
+            built[row] = build_concurrent(row, cfg)
+        except Exception as exc:  # noqa: BLE001 - the row's error is reported in the table
+            traceback.print_exc()
+            runs[row].append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    for rep in range(cfg["repeats"]):
+        for row in rows:
+            if row not in built or (runs[row] and not runs[row][-1]["ok"]):
+                continue
+            pipe, plugin_name, label, data, build_s = built[row]
+            try:
+                r = dict(time_concurrent(pipe, plugin_name, cfg), label=label, pipeline=data, build_s=build_s,
+                         ok=True, round=rep)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                r = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            runs[row].append(r)
+            print(f"[{time.strftime('%H:%M:%S')}] {row} (round {rep + 1}): "
+                  + (f"{r['tok_per_s']:.1f} tok/s" if r["ok"] else f"FAILED {r['error']}"), file=sys.stderr, flush=True)
+    return {"runs": runs}
+
+
 def child(row: str, cfg_path: str, out_path: str) -> None:
     import torch
 
@@ -371,8 +419,13 @@ def child(row: str, cfg_path: str, out_path: str) -> None:
 
     cfg = json.loads(Path(cfg_path).read_text())
     torch.set_num_threads(cfg["threads"])
-    write_child_result(out_path, lambda: child_concurrent(row, cfg) if cfg["mode"] == "concurrent"
-                       else child_batch1(row, cfg))
+    if cfg["mode"] == "concurrent-same-process":
+        compute = lambda: child_concurrent_same_process(row.split(","), cfg)  # noqa: E731
+    elif cfg["mode"] == "concurrent":
+        compute = lambda: child_concurrent(row, cfg)  # noqa: E731
+    else:
+        compute = lambda: child_batch1(row, cfg)  # noqa: E731
+    write_child_result(out_path, compute)
 
 
 def run_row(row: str, cfg_path: Path) -> dict:
@@ -553,6 +606,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the rows round-robin R times; batch 1: best time per prompt, --concurrent: the run of "
                          "median throughput")
+    ap.add_argument("--same-process", action="store_true",
+                    help="--concurrent: build every row in one process and alternate their runs (--repeats rounds); "
+                         "each row's ratio is the median over rounds of its run / the reference's run of that round")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens of speculative / medusa / draft_model")
     ap.add_argument("--pl-k", type=int, default=16, help="num_speculative_tokens of prompt_lookup")
     ap.add_argument("--pl-short", type=int, default=3,
@@ -577,6 +633,8 @@ def main() -> None:
     concurrent = args.concurrent is not None
     if concurrent and args.concurrent < 1:
         ap.error("--concurrent must be >= 1")
+    if args.same_process and not concurrent:
+        ap.error("--same-process applies to --concurrent runs")
     n_prompts = args.prompts or (2 if args.quick and not concurrent else None)
     sets = load_prompts(n_prompts)
     if concurrent:
@@ -616,7 +674,8 @@ def main() -> None:
                           "error": f"heads not found in {shown} (train them: tokenmill train-medusa "
                                    f"pipelines/continuous.yaml --out {shown})"}
     if concurrent:
-        cfg.update(mode="concurrent", requests=requests, requests_list=concurrent_requests(sets, requests))
+        cfg.update(mode="concurrent-same-process" if args.same_process else "concurrent", repeats=args.repeats,
+                   requests=requests, requests_list=concurrent_requests(sets, requests))
     else:
         cfg.update(mode="batch1", sets=sets)
 
@@ -626,7 +685,14 @@ def main() -> None:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(cfg))
         runs: dict[str, list[dict]] = {r: [] for r in rows}
-        for rep in range(args.repeats):
+        if args.same_process:
+            todo = [r for r in rows if r not in skipped]
+            print(f"[{time.strftime('%H:%M:%S')}] {', '.join(todo)} in one process, {args.repeats} rounds ...",
+                  file=sys.stderr, flush=True)
+            both = run_row(",".join(todo), cfg_path)
+            for r in todo:
+                runs[r] = both["runs"][r] if both["ok"] else [dict(both)]
+        for rep in range(0 if args.same_process else args.repeats):
             for row in rows:
                 if row in skipped:
                     continue
@@ -653,7 +719,8 @@ def main() -> None:
                       "base_pipeline": str(BASE_PIPELINE.relative_to(ROOT)),
                       "greedy": True, "ignore_eos": True, "chat_template": True,
                       "num_speculative_tokens": {"speculative/medusa/draft_model": args.k, "prompt_lookup": args.pl_k},
-                      "draft_model": draft_info, "medusa_heads": str(heads)}
+                      "draft_model": draft_info, "medusa_heads": str(heads),
+                      "same_process": args.same_process}
     if concurrent:
         name = args.name or "speculative-concurrent" + ("-quick" if args.quick else "")
         base = results.get("plain")
@@ -666,6 +733,13 @@ def main() -> None:
                 r["vs_no_speculation"] = 1.0 if ref is r else None
                 continue
             r["vs_no_speculation"] = r["tok_per_s"] / ref["tok_per_s"]
+            if args.same_process:  # paired by round: each run against the reference's run of the same round
+                ref_runs = {x["round"]: x["tok_per_s"] for x in runs[row + "/plain" if ref is not base else "plain"]
+                            if x["ok"]}
+                paired = sorted(x["tok_per_s"] / ref_runs[x["round"]] for x in runs[row]
+                                if x["ok"] and x["round"] in ref_runs)
+                r["vs_no_speculation_rounds"] = paired
+                r["vs_no_speculation"] = paired[(len(paired) - 1) // 2] if paired else None
             r["greedy_identical_requests"] = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
         for r in results.values():
             r.pop("tokens", None)
@@ -695,7 +769,9 @@ def main() -> None:
             print(f"| {r['label']} | {r['tok_per_s']:.1f} | {fmt(r['vs_no_speculation'])}x | "
                   f"{fmt(s['acceptance_rate'], '.1%') if s['draft_tokens'] else '-'} | "
                   f"{fmt(s['mean_tokens_per_step']) if s['draft_tokens'] else '-'} | {onoff} | {r['engine_steps']} | "
-                  f"{fmt(r['mean_batch_size'], '.1f')} | {same} |")
+                  f"{fmt(r['mean_batch_size'], '.1f')} | {same} |"
+                  + (f" rounds: {', '.join(f'{x:.2f}' for x in r['vs_no_speculation_rounds'])}"
+                     if r.get("vs_no_speculation_rounds") else ""))
         print(f"\nwrote {out}")
         return
 
