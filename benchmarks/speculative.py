@@ -52,7 +52,7 @@ throughput (generated tokens / seconds from the first submit to the last finish)
 the ratio to no speculation, ``stats()["spec"]`` and, for the drafters, how many engine steps ran with speculation
 on vs off (``steps_on`` / ``steps_off`` of the drafter plugin) and what its draft planner measured. Writes results/speculative-concurrent[-quick].json
 and .png. ``--same-process`` (with ``--concurrent``): every row is built in one process and the rows' bursts
-alternate for ``--repeats`` rounds; a row's ratio is then the median over rounds of its throughput over the
+alternate for ``--repeats`` rounds (every other round in reverse order); a row's ratio is then the median over rounds of its throughput over the
 reference's in the same round (the spread between processes on the dev box, 15-30 %, is larger than what
 speculation changes under load; drafters' planners keep what they learned from one round to the next, as in a
 running service). ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at most 8 requests of 16 tokens
@@ -383,7 +383,7 @@ def child_concurrent(row: str, cfg: dict) -> dict:
 
 def child_concurrent_same_process(rows: list[str], cfg: dict) -> dict:
     """``--same-process``: every row's pipeline built in this one process, then the bursts run round-robin
-    ``cfg["repeats"]`` times (rows alternating), so rows are compared without the spread between processes.
+    ``cfg["repeats"]`` times (rows alternating, every other round in reverse order), so rows are compared without the spread between processes.
     -> ``{"runs": {row: [run, ...]}}``; a row that fails to build or run is one failed run."""
     import traceback
 
@@ -396,7 +396,7 @@ def child_concurrent_same_process(rows: list[str], cfg: dict) -> dict:
             traceback.print_exc()
             runs[row].append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     for rep in range(cfg["repeats"]):
-        for row in rows:
+        for row in rows if rep % 2 == 0 else rows[::-1]:  # every other round backwards: no row always runs first
             if row not in built or (runs[row] and not runs[row][-1]["ok"]):
                 continue
             pipe, plugin_name, label, data, build_s = built[row]
