@@ -569,6 +569,35 @@ def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, mo
     assert pipe.stats()["spec"]["draft_tokens"] == 0
 
 
+def test_a_draft_warmed_up_in_the_background_is_timed_on_the_engines_thread(tiny_llama_dir, monkeypatch):
+    """``adaptive`` with a background warm-up: the draft's step cost is timed once, on the thread that runs the
+    steps, when it first finds the draft ready, and seeds the planner's draft cost for every batch bucket before
+    any draft is made (else batch sizes no draft ran at yet are priced linearly from those that did)."""
+    import threading
+
+    from tokenmill.plugins.speculative.draft_runner import DraftModelRunner
+
+    calls, real = [], DraftModelRunner.step_seconds
+
+    def timed(self, batches, runs=3):
+        calls.append(threading.current_thread())
+        return real(self, batches, runs)
+
+    monkeypatch.setattr(DraftModelRunner, "step_seconds", timed)
+    plugins = [{"speculative": {"draft": "self_int8", "compile_draft": True, "adaptive": True}}] + PAGED
+    limits = {"max_model_len": 512, "max_num_seqs": 8, "max_num_batched_tokens": 512}  # past WARM_UP_POSITION
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, plugins=plugins, limits=limits), progress=False)
+    assert pipe.wait_ready()
+    plugin = pipe.plugins["speculative"]
+    assert calls == [] and plugin.draft_cost.per_depth == {}  # nothing timed on the warm-up thread
+    observed = []
+    monkeypatch.setattr(plugin.draft_cost, "observe", lambda b, d, s: observed.append((b, d)))
+    pipe.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert calls == [threading.main_thread()]
+    assert observed[:5] == [(b, 1) for b in (1, 2, 4, 8, 16)]  # the timed buckets, before any draft's own
+    pipe.close()
+
+
 def test_adaptive_drafter_calibrates_its_step_cost_at_build(tiny_llama_dir, monkeypatch):
     """``adaptive``: the step-cost curves start from forwards timed at build (``PipelineContext.time_forward``):
     per sequence count up to max_num_seqs, one token each and up to one plus a full draft (3 + 1 here); after
