@@ -52,11 +52,11 @@ throughput (generated tokens / seconds from the first submit to the last finish)
 the ratio to no speculation, ``stats()["spec"]`` and, for the drafters, how many engine steps ran with speculation
 on vs off (``steps_on`` / ``steps_off`` of the drafter plugin) and what its draft planner measured. Writes results/speculative-concurrent[-quick].json
 and .png. ``--same-process`` (with ``--concurrent``): every row is built in one process and the rows' bursts
-alternate for ``--repeats`` rounds (every other round in reverse order); a row's ratio is then the median over rounds of its throughput over the
-reference's in the same round (the spread between processes on the dev box, 15-30 %, is larger than what
-speculation changes under load; drafters' planners keep what they learned from one round to the next, as in a
-running service). ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at most 8 requests of 16 tokens
-(concurrent).
+alternate for ``--repeats`` rounds (every other round in reverse order); a row's ratio is then the median over
+rounds of its throughput over the reference's in the same round (the spread between processes on the dev box,
+15-30 %, is larger than what speculation changes under load; drafters' planners keep what they learned from one
+round to the next, as in a running service). ``--quick``: 2 prompts per set and 32 new tokens (batch 1), or at
+most 8 requests of 16 tokens (concurrent).
 """
 from __future__ import annotations
 
@@ -383,8 +383,9 @@ def child_concurrent(row: str, cfg: dict) -> dict:
 
 def child_concurrent_same_process(rows: list[str], cfg: dict) -> dict:
     """``--same-process``: every row's pipeline built in this one process, then the bursts run round-robin
-    ``cfg["repeats"]`` times (rows alternating, every other round in reverse order), so rows are compared without the spread between processes.
-    -> ``{"runs": {row: [run, ...]}}``; a row that fails to build or run is one failed run."""
+    ``cfg["repeats"]`` times (rows alternating, every other round in reverse order), so rows are compared without
+    the spread between processes. -> ``{"runs": {row: [run, ...]}}``; a row that fails to build or run is one
+    failed run."""
     import traceback
 
     built, runs = {}, {row: [] for row in rows}

@@ -569,7 +569,8 @@ def test_compiled_draft_warms_up_in_the_background(tiny_llama_dir, reference, mo
     assert pipe.stats()["spec"]["draft_tokens"] == 0
 
 
-def test_a_draft_warmed_up_in_the_background_is_timed_on_the_engines_thread(tiny_llama_dir, monkeypatch):
+def test_a_draft_warmed_up_in_the_background_is_timed_on_the_engines_thread(tiny_llama_dir, reference,
+                                                                            monkeypatch):
     """``adaptive`` with a background warm-up: the draft's step cost is timed once, on the thread that runs the
     steps, when it first finds the draft ready, and seeds the planner's draft cost for every batch bucket before
     any draft is made (else batch sizes no draft ran at yet are priced linearly from those that did)."""
@@ -592,9 +593,11 @@ def test_a_draft_warmed_up_in_the_background_is_timed_on_the_engines_thread(tiny
     assert calls == [] and plugin.draft_cost.per_depth == {}  # nothing timed on the warm-up thread
     observed = []
     monkeypatch.setattr(plugin.draft_cost, "observe", lambda b, d, s: observed.append((b, d)))
-    pipe.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+    out = pipe.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+    assert [r.token_ids for r in out] == reference  # timed between steps on scratch K/V: nothing disturbed
     assert calls == [threading.main_thread()]
     assert observed[:5] == [(b, 1) for b in (1, 2, 4, 8, 16)]  # the timed buckets, before any draft's own
+    assert len(observed) > 5  # then the drafts' own costs
     pipe.close()
 
 
