@@ -271,19 +271,27 @@ def spec_summary(c: dict) -> dict:
             "mean_tokens_per_step": (acc + ds) / ds if ds else 0.0}
 
 
-def child_batch1(row: str, cfg: dict) -> dict:
-    from tokenmill import Pipeline, SamplingParams, load_spec
+def build_row(row: str, cfg: dict, max_num_seqs: int | None = None) -> tuple:
+    """A row's pipeline, built and ready (a compiled draft warmed up), ``max_num_seqs`` raised if given. ->
+    (pipe, drafter plugin name, label, pipeline dict, build seconds)."""
+    from tokenmill import Pipeline, load_spec
 
     if row.startswith("@"):
-        data, plugin_name, label = shipped_row(row, cfg)
+        data, plugin_name, label = shipped_row(row, cfg, max_num_seqs)
     else:
         _, drafter, label = drafter_for(row, cfg)
         plugin_name = next(iter(drafter)) if drafter else None
-        data = pipeline_dict(cfg, drafter)
+        data = pipeline_dict(cfg, drafter, max_num_seqs=max_num_seqs)
     t0 = time.perf_counter()
     pipe = Pipeline(load_spec(data), progress=False)
     pipe.wait_ready()  # a compiled draft warms up in the background: time the pipeline once it speculates
-    build_s = time.perf_counter() - t0
+    return pipe, plugin_name, label, data, time.perf_counter() - t0
+
+
+def child_batch1(row: str, cfg: dict) -> dict:
+    from tokenmill import SamplingParams
+
+    pipe, plugin_name, label, data, build_s = build_row(row, cfg)
     n = cfg["new_tokens"]
     params = SamplingParams(max_tokens=n, ignore_eos=True)
     t0 = time.perf_counter()
@@ -313,23 +321,6 @@ def child_batch1(row: str, cfg: dict) -> dict:
     if "steps_on" in tot:
         res["steps_on"], res["steps_off"] = tot["steps_on"], tot["steps_off"]
     return res
-
-
-def build_concurrent(row: str, cfg: dict) -> tuple:
-    """A concurrent row's pipeline, built and ready (a compiled draft warmed up). -> (pipe, drafter plugin name,
-    label, pipeline dict, build seconds)."""
-    from tokenmill import Pipeline, load_spec
-
-    if row.startswith("@"):
-        data, plugin_name, label = shipped_row(row, cfg, max(cfg["requests"], 16))
-    else:
-        _, drafter, label = drafter_for(row, cfg)
-        plugin_name = next(iter(drafter)) if drafter else None
-        data = pipeline_dict(cfg, drafter, max_num_seqs=max(cfg["requests"], 16))
-    t0 = time.perf_counter()
-    pipe = Pipeline(load_spec(data), progress=False)
-    pipe.wait_ready()  # a compiled draft warms up in the background: time the pipeline once it speculates
-    return pipe, plugin_name, label, data, time.perf_counter() - t0
 
 
 def time_concurrent(pipe, plugin_name: str | None, cfg: dict) -> dict:
@@ -377,7 +368,7 @@ def time_concurrent(pipe, plugin_name: str | None, cfg: dict) -> dict:
 
 
 def child_concurrent(row: str, cfg: dict) -> dict:
-    pipe, plugin_name, label, data, build_s = build_concurrent(row, cfg)
+    pipe, plugin_name, label, data, build_s = build_row(row, cfg, max(cfg["requests"], 16))
     return dict(time_concurrent(pipe, plugin_name, cfg), label=label, pipeline=data, build_s=build_s)
 
 
@@ -392,7 +383,7 @@ def child_concurrent_same_process(rows: list[str], cfg: dict) -> dict:
     for row in rows:
         print(f"[{time.strftime('%H:%M:%S')}] building {row} ...", file=sys.stderr, flush=True)
         try:
-            built[row] = build_concurrent(row, cfg)
+            built[row] = build_row(row, cfg, max(cfg["requests"], 16))
         except Exception as exc:  # noqa: BLE001 - the row's error is reported in the table
             traceback.print_exc()
             runs[row].append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
@@ -729,14 +720,14 @@ def main() -> None:
         for row, r in results.items():
             if not r["ok"]:
                 continue
-            ref = results.get(row + "/plain") if row.startswith("@") and row + "/plain" in results else base
+            ref_row = row + "/plain" if row.startswith("@") and row + "/plain" in results else "plain"
+            ref = results.get(ref_row)
             if ref is None or not ref["ok"] or ref is r:
                 r["vs_no_speculation"] = 1.0 if ref is r else None
                 continue
             r["vs_no_speculation"] = r["tok_per_s"] / ref["tok_per_s"]
             if args.same_process:  # paired by round: each run against the reference's run of the same round
-                ref_runs = {x["round"]: x["tok_per_s"] for x in runs[row + "/plain" if ref is not base else "plain"]
-                            if x["ok"]}
+                ref_runs = {x["round"]: x["tok_per_s"] for x in runs[ref_row] if x["ok"]}
                 paired = sorted(x["tok_per_s"] / ref_runs[x["round"]] for x in runs[row]
                                 if x["ok"] and x["round"] in ref_runs)
                 r["vs_no_speculation_rounds"] = paired
