@@ -715,8 +715,6 @@ def main() -> None:
                       "same_process": args.same_process}
     if concurrent:
         name = args.name or "speculative-concurrent" + ("-quick" if args.quick else "")
-        base = results.get("plain")
-        base_ok = base is not None and base["ok"]
         for row, r in results.items():
             if not r["ok"]:
                 continue
