@@ -96,7 +96,11 @@ class DrafterPlugin(Plugin):
     def propose_tokens(self, seqs: list[Sequence], num_tokens: int, hidden: list, kv: KVHandle):
         self._learn(seqs)
         too_many = self.batch_limit is not None and len(seqs) > self.batch_limit
-        if not self.ready() or too_many or not any(s.num_output_tokens > 0 for s in seqs):
+        # a step that also computes prompt tokens drafts nothing: priced against such a step's own rate, set by its
+        # prompt tokens, a draft row looks nearly free, while a token accepted there saves the batch only a row of a
+        # later decode step (at 64 requests every draft fell in these steps, and they cost time; docs/benchmarks.md)
+        prefilling = num_tokens > len(seqs)
+        if not self.ready() or too_many or prefilling or not any(s.num_output_tokens > 0 for s in seqs):
             self.steps_off += 1
             return None
         cheap = [None if d is None else as_draft(d) for d in self.cheap_drafts(seqs)]

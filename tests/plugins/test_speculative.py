@@ -206,6 +206,9 @@ def test_adaptive_drafter_learns_acceptance_per_sequence_and_plans_depths():
         plugin.step_end(StepStats(1, 64, 0, 64, 64, 512, 0.0, 0.01 * n, 0, 64, 0, num_forward_tokens=n))
     before = plugin.steps_off
     assert ask(plugin, [good] * 64, 64) is None and plugin.steps_off == before + 1
+    # a step that also computes another request's prompt tokens drafts nothing, however cheap drafts look
+    assert ask(plugin, [good], 1) is not None
+    assert ask(plugin, [good], 1 + 300) is None and plugin.steps_off == before + 2
     good.status = bad.status = SeqStatus.FINISHED
     ask(plugin, [], 0)
     assert not plugin._drafted  # finished sequences are forgotten
