@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", default=None, help="torch threads; with --peer a list (default 1,2)")
     ap.add_argument("--peer", choices=["llama.cpp"], default=None,
                     help="every bit width against llama.cpp (needs llama-cpp-python)")
+    ap.add_argument("--bits", default=None, help="with --peer: only these bit widths (e.g. 8-bit,4-bit)")
     ap.add_argument("--prefill-tokens", type=int, default=1000, help="with --peer: the prefill prompt's length")
     ap.add_argument("--compile", action="store_true",
                     help="with --peer: every row again with its batch-1 decode step compiled")

@@ -1,6 +1,7 @@
 """Batch-1 decode and prefill at each bit width, tokenmill against llama.cpp, same model, same threads, one run.
 
     python benchmarks/latency.py --peer llama.cpp [--threads 1,2] [--new-tokens 128] [--prefill-tokens 1000]
+        [--compile] [--bits 8-bit,4-bit]
 
 Rows (each in its own process, so thread settings and peak RSS are the row's own):
 
@@ -9,12 +10,14 @@ bits       tokenmill                                             llama.cpp (GGUF
 =========  ====================================================  ========================================
 fp32       ``pipelines/default.yaml``                            F32
 bf16       ``default.yaml`` with ``dtype: bfloat16``             BF16
-8-bit      ``pipelines/int8.yaml``                               Q8_0
+8-bit      ``pipelines/int8.yaml``, ``pipelines/int8-a8.yaml``   Q8_0
 4-bit      ``pipelines/int4.yaml``, ``pipelines/gguf.yaml``      Q4_0, Q4_1 (the shipped file)
 =========  ====================================================  ========================================
 
 With ``--compile`` every tokenmill row runs a second time with its batch-1 decode step compiled
 (``compile: {enabled: true, buckets: [1]}``); compiling happens at build and is cached across runs.
+``int8-a8.yaml`` (int8 activations, which only a compiled step multiplies as integers) runs compiled only.
+``--bits`` keeps the rows of the bit widths named.
 Decode tok/s counts the tokens after the first one over the time after it (the prompt's processing left
 out, on both engines); prefill tok/s is a ``--prefill-tokens`` prompt's processing up to the first token.
 The fp32 and bf16 rows also run HF ``generate()`` in the same dtype and record whether the greedy tokens are
@@ -37,6 +40,7 @@ TOKENMILL_ROWS = [  # (bits, label, pipeline, dtype override)
     ("fp32", "tokenmill fp32", "pipelines/default.yaml", None),
     ("bf16", "tokenmill bf16", "pipelines/default.yaml", "bfloat16"),
     ("8-bit", "tokenmill int8", "pipelines/int8.yaml", None),
+    ("8-bit", "tokenmill int8 W8A8", "pipelines/int8-a8.yaml", None),
     ("4-bit", "tokenmill int4", "pipelines/int4.yaml", None),
     ("4-bit", "tokenmill gguf Q4_1", "pipelines/gguf.yaml", None),
 ]
@@ -160,15 +164,17 @@ def main(args) -> None:
     ggufs = {kind: llamacpp_peer.make_gguf(src, kind, cache_dir() / "llamacpp") for _, kind in PEER_ROWS}
     common = {"new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "repeats": args.repeats}
     threads = [int(t) for t in args.threads.split(",")]
+    bits = args.bits.split(",") if args.bits else None
+    ours = [r for r in TOKENMILL_ROWS if bits is None or r[0] in bits]
     rows = []
     for t in threads:
         plan = [dict(common, engine="tokenmill", bits=b, label=lab, pipeline=p, dtype=d, threads=t)
-                for b, lab, p, d in TOKENMILL_ROWS]
+                for b, lab, p, d in ours if not p.endswith("-a8.yaml")]  # W8A8 exists only in a compiled step
         if args.compile:
             plan += [dict(common, engine="tokenmill", bits=b, label=lab + " compiled", pipeline=p, dtype=d, threads=t,
-                          compile=True) for b, lab, p, d in TOKENMILL_ROWS]
+                          compile=True) for b, lab, p, d in ours]
         plan += [dict(common, engine="llama.cpp", bits=b, label=f"llama.cpp {k}", gguf=str(ggufs[k]), threads=t)
-                 for b, k in PEER_ROWS]
+                 for b, k in PEER_ROWS if bits is None or b in bits]
         for cfg in plan:
             res = run_child(__file__, "row", json.dumps(cfg), ROOT)
             rows.append({**cfg, **res, "threads": t})  # (the row's torch threads are in the child's result too)

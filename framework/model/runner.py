@@ -7,6 +7,7 @@ hidden states of the same rows. The engine and the drafters use only the public 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 from dataclasses import dataclass
@@ -82,6 +83,16 @@ def _compile_options(mode: str | None, device: torch.device, backend: str) -> di
     return options
 
 
+def _module_options(model) -> dict:
+    """The inductor options the model's modules ask their compiled forward to run under: a module's
+    ``inductor_options`` mapping (e.g. int8 activations: ``freezing`` and the CPU GEMM template). ``freezing`` has to
+    hold while dynamo traces as well, so the runner applies it around its compiled calls; the rest are options."""
+    options: dict = {}
+    for module in model.modules():
+        options.update(getattr(module, "inductor_options", None) or {})
+    return options
+
+
 class ModelRunner:
     """Runs any registered architecture on flattened batches over a paged KV pool."""
 
@@ -113,8 +124,12 @@ class ModelRunner:
         self._compiled = None
         self.cpu_gemm: str | None = None  # the small-row GEMM path tune_cpu_gemm chose, if it ran
         self.decode_buckets: list[int] | None = None
+        self._freezing = False  # inductor's freezing around the compiled calls (a module asked for it)
         if compiled:
             options = _compile_options(compile_spec.mode, self.device, compile_spec.backend)
+            if compile_spec.backend == "inductor":
+                options.update(_module_options(model))
+                self._freezing = bool(options.pop("freezing", False))
             self._compiled = torch.compile(_own_code(self._forward_impl), fullgraph=compile_spec.fullgraph,
                                            dynamic=compile_spec.dynamic, backend=compile_spec.backend, options=options)
             self.decode_buckets = list(compile_spec.buckets)
@@ -152,8 +167,12 @@ class ModelRunner:
         metas = tuple(self.attention.prepare(batch, w) for w in self.windows)
         impl = self._compiled if (self._compiled is not None and batch.decode_padded) else self._forward_impl
         dev = self.device
-        logits, hidden = impl(batch.input_ids.to(dev), batch.positions.to(dev), batch.slot_mapping.to(dev),
-                              batch.logits_idx.to(dev), metas, self.pool.k, self.pool.v)
+        # freezing, where asked: dynamo then takes the weights as constants of the graph (torch.is_grad_enabled()
+        # is off here, which freezing also needs)
+        with (torch._inductor.config.patch(freezing=True) if self._freezing and impl is self._compiled
+              else contextlib.nullcontext()):
+            logits, hidden = impl(batch.input_ids.to(dev), batch.positions.to(dev), batch.slot_mapping.to(dev),
+                                  batch.logits_idx.to(dev), metas, self.pool.k, self.pool.v)
         return RunnerOutput(logits, hidden)
 
     def run(self, items, *, trees: dict[int, list[int]] | None = None, max_padded_tokens: int = 1) -> RunnerOutput:

@@ -8,16 +8,20 @@ The CPU kernel reads past the end of rows whose length is not a multiple of 32 (
 torch 2.13), so such weights are stored zero-padded to a multiple of 32 columns and the activations padded
 to match. One row of a compiled decode step runs a reduction over the codes instead, which inductor fuses
 (:func:`tokenmill.model.kernels.cpu_gemm.compiled_gemv`: 5.5 ms for the default model's projections against
-10.6 ms through the kernel).
+10.6 ms through the kernel). With ``activations: int8`` a compiled step's few-row products quantize the
+activations too and run on VNNI (:mod:`tokenmill.plugins.quant.int8_act`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.model.kernels.cpu_gemm import compiled_gemv
+from tokenmill.plugin import hookimpl
+from tokenmill.plugins.quant import int8_act
 from tokenmill.plugins.quant.base import QuantLinear, pad_to, resolve_compute_dtype
 from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
 
@@ -72,7 +76,11 @@ class Int8Linear(QuantLinear):
     kind = "int8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-                 compute_dtype: torch.dtype, kernel_max_rows: int | None = None) -> None:
+                 compute_dtype: torch.dtype, kernel_max_rows: int | None = None, smooth: torch.Tensor | None = None,
+                 outliers: torch.Tensor | None = None, splits: torch.Tensor | None = None) -> None:
+        """``smooth`` (``[in_features]``): int8 activations (:mod:`~tokenmill.plugins.quant.int8_act`); the codes are
+        of the weight with its columns multiplied by ``smooth``, and inputs are divided by it. ``outliers``: the
+        input channels multiplied in float on that path."""
         n, k = qweight.shape
         super().__init__(k, n, bias, compute_dtype)
         self.kp = pad_to(k, K_ALIGN)
@@ -82,6 +90,11 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scales_c", self.scales.to(compute_dtype), persistent=False)
         self.kernel_max_rows = DEFAULT_KERNEL_MAX_ROWS if kernel_max_rows is None else kernel_max_rows
         self.use_kernel = qweight.device.type == "cpu"
+        self.act = None
+        if smooth is not None:
+            outliers = torch.zeros(0, dtype=torch.long) if outliers is None else outliers
+            splits = torch.ones_like(outliers) if splits is None else splits
+            self.act = int8_act.ActInt8(self.qweight, self.scales, k, smooth, outliers, splits, self.kernel_max_rows)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, compute_dtype: torch.dtype,
@@ -90,19 +103,32 @@ class Int8Linear(QuantLinear):
         return cls(q, scales, bias, compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight[:, :self.in_features], self.scales, dtype)
+        w = dequantize_int8(self.qweight[:, :self.in_features], self.scales)
+        return (w if self.act is None else w / self.act.smooth).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
         q = self.qweight.index_select(0, flat)[:, :self.in_features]
         w = q.to(dtype) * self.scales.index_select(0, flat).to(dtype)[:, None]
+        if self.act is not None:
+            w = w / self.act.smooth.to(dtype)
         return w.view(*ids.shape, self.in_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
+        if self.act is not None:
+            x = x.float() / self.act.smooth
+            out = self.act.matmul(x, self.scales)
+            if out is not None:
+                return out
+            x = self.act.fake_quantize(x)
         xc = x.to(cd)
         if self.kp != self.in_features:
             xc = F.pad(xc, (0, self.kp - self.in_features))
+        if torch.compiler.is_compiling() and torch._inductor.config.freezing and cd != torch.float32 \
+                and x.shape[0] <= self.kernel_max_rows:
+            # frozen graph: inductor's weight-only int8 GEMM template (the float reduction's weight gets folded)
+            return torch.ops.aten._weight_int8pack_mm(xc.contiguous(), self.qweight, self.scales_c)
         out = compiled_gemv(xc, self.qweight)  # one row of a compiled step on CPU: a fused reduction over the codes
         if out is not None:
             return out * self.scales
@@ -117,13 +143,19 @@ class Int8Linear(QuantLinear):
         q = self.qweight[:, :self.in_features].index_select(dim, index).clone()
         scales = self.scales[index] if dim == 0 else self.scales
         bias = None if self.bias is None else self.bias[index] if dim == 0 else self.bias if keep_bias else None
+        smooth = outliers = None
+        if self.act is not None:  # a column share keeps its channels' divisors and float channels, renumbered
+            smooth = self.act.smooth if dim == 0 else self.act.smooth[index]
+            outliers = self.act.outliers if dim == 0 else torch.isin(index, self.act.outliers).nonzero()[:, 0]
         return Int8Linear(q, scales.clone(), bias, compute_dtype=self.compute_dtype,
-                          kernel_max_rows=self.kernel_max_rows)
+                          kernel_max_rows=self.kernel_max_rows, smooth=smooth, outliers=outliers)
 
     def portable_state(self):
         meta = {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None}
         tensors = {"qweight": self.qweight[:, :self.in_features].contiguous(), "scales": self.scales}
+        if self.act is not None:
+            tensors.update(smooth=self.act.smooth, outliers=self.act.outliers, splits=self.act.splits)
         if self.bias is not None:
             tensors["bias"] = self.bias
         return meta, tensors
@@ -132,7 +164,10 @@ class Int8Linear(QuantLinear):
     def from_portable(cls, meta, tensors, *, compute_dtype, device, kernel_max_rows=None, **_):
         return cls(tensors["qweight"].to(device), tensors["scales"].to(device),
                    tensors["bias"].to(device) if meta.get("bias") else None,
-                   compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows)
+                   compute_dtype=compute_dtype, kernel_max_rows=kernel_max_rows,
+                   smooth=tensors["smooth"].to(device) if "smooth" in tensors else None,
+                   outliers=tensors["outliers"].to(device) if "outliers" in tensors else None,
+                   splits=tensors["splits"].to(device) if "splits" in tensors else None)
 
 
 class Int8(QuantPlugin):
@@ -143,7 +178,46 @@ class Int8(QuantPlugin):
 
     @dataclass(slots=True)
     class Options(QuantOptions):
-        pass
+        # float: weight-only. int8: also the activations of a compiled step's few-row products (W8A8 on VNNI,
+        # calibrated at build; int8_act.py)
+        activations: Literal["float", "int8"] = "float"
+        smooth_alpha: float = 0.5   # int8 activations: SmoothQuant's migration strength (0: none)
+        outlier_channels: int = 8   # int8 activations: input channels per layer multiplied in float
+
+        def __post_init__(self) -> None:
+            QuantOptions.__post_init__(self)
+            if not 0 <= self.smooth_alpha <= 1:
+                raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+            if self.outlier_channels < 0:
+                raise ValueError(f"outlier_channels must be >= 0, got {self.outlier_channels}")
+            if self.activations == "int8" and self.gptq:
+                raise ValueError("activations: int8 calibrates its own smoothing of the float weights; it does not "
+                                 "combine with gptq (drop one of them)")
+            if self.activations == "int8" and not int8_act.available():
+                raise ValueError("activations: int8 needs oneDNN's quantized linear (torch.ops.onednn."
+                                 "qlinear_pointwise), which this PyTorch build lacks; use activations: float")
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        # int8 activations: input channels' absmax by the weight's storage (a tied embedding shares its head's)
+        self._act_amax: dict[int, torch.Tensor] = {}
+
+    @hookimpl
+    def calibrate(self, context) -> None:
+        """With ``activations: int8``: every selected decoder layer's input channel absmax over calibration text
+        (4 x 512 tokens of the text GPTQ calibrates on and a few chat requests), for the smoothing and the float
+        channels."""
+        if self.options.activations == "int8" and not self.options.load:
+            from tokenmill.plugins.quant.calibration import calibration_ids
+
+            # the LM head reads float activations: rounding them per row flipped the default model's first
+            # answer token ("What is the capital of France?" -> "L'Etoile, ..." where float says "The capital ...")
+            mods = {n: m for n, m in context.model.named_modules() if isinstance(m, torch.nn.Linear)
+                    and self.wants(n, m) and not (n == "lm_head" or n.endswith(".lm_head"))}
+            samples = int8_act.calibration_samples(context.tokenizer, calibration_ids(context.tokenizer, 4, 512))
+            amax = int8_act.activation_absmax(context.model, list(mods), samples)
+            self._act_amax = {mods[n].weight.data_ptr(): a for n, a in amax.items()}
+        QuantPlugin.calibrate(self, context)
 
     def gptq_grid(self, weight):
         return Int8Grid()
@@ -154,4 +228,11 @@ class Int8(QuantPlugin):
 
     def quantize_weight(self, weight, bias, model_dtype):
         cd = resolve_compute_dtype(self.options.compute_dtype, model_dtype, weight.device)
-        return Int8Linear.from_float(weight, bias, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows)
+        amax = self._act_amax.get(weight.data_ptr())
+        if amax is None:
+            return Int8Linear.from_float(weight, bias, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows)
+        smooth = int8_act.smoothing(amax, weight, self.options.smooth_alpha)
+        q, scales = quantize_int8(weight.float() * smooth)
+        outliers, splits = int8_act.outlier_channels(amax, smooth, self.options.outlier_channels)
+        return Int8Linear(q, scales, bias, compute_dtype=cd, kernel_max_rows=self.options.kernel_max_rows,
+                          smooth=smooth, outliers=outliers, splits=splits)
