@@ -133,18 +133,23 @@ def plot(name: str, rows: list[dict], threads: list[int]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bits = ["fp32", "bf16", "8-bit", "4-bit"]
-    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 3.8), squeeze=False)
-    for ax, t in zip(axes[0], threads):
-        for i, engine in enumerate(("tokenmill", "llama.cpp")):
-            vals = [max((r["decode_tok_s"] for r in rows if r.get("ok") and r["threads"] == t and r["bits"] == b
-                         and r["engine"] == engine), default=0.0) for b in bits]
-            bars = ax.bar([j + 0.4 * i for j in range(len(bits))], vals, width=0.4, label=engine)
-            ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_xticks([j + 0.2 for j in range(len(bits))], bits)
-        ax.set_title(f"batch-1 decode, {t} thread{'s' if t > 1 else ''} (best row per engine)")
+    from matplotlib.patches import Patch
+
+    bits = [b for b in ("fp32", "bf16", "8-bit", "4-bit") if any(r["bits"] == b for r in rows)]
+    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 5), squeeze=False)
+    for ax, t in zip(axes[0], threads):  # a bar per row, grouped by bit width
+        x, ticks = 0.0, []
+        for b in bits:
+            for r in (r for r in rows if r.get("ok") and r["threads"] == t and r["bits"] == b):
+                bar = ax.bar(x, r["decode_tok_s"], width=0.8, color="C1" if r["engine"] == "llama.cpp" else "C0")
+                ax.bar_label(bar, fmt="%.0f", fontsize=7)
+                ticks.append((x, f"{b}: {r['label'].removeprefix('tokenmill ')}"))
+                x += 1
+            x += 0.6
+        ax.set_xticks([p for p, _ in ticks], [lab for _, lab in ticks], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"batch-1 decode, {t} thread{'s' if t > 1 else ''}")
         ax.set_ylabel("tokens / s")
-        ax.legend()
+        ax.legend(handles=[Patch(color="C0", label="tokenmill"), Patch(color="C1", label="llama.cpp")])
     fig.tight_layout()
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=110)

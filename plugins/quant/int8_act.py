@@ -8,15 +8,17 @@ CPU GEMM template (``max_autotune_gemm``), to a VNNI micro-kernel inside the com
 the default model's decode projections, 1 thread, AMD EPYC: 4.3 ms against 9.3 ms for the float reduction.
 
 Per-row activation scales lose more than llama.cpp's per-32 blocks (the kernel takes one activation scale), so
-two measured corrections are calibrated at build from ~2,000 tokens of text (``calibrate``):
+two measured corrections are calibrated at build from ~2,000 tokens of text and six chat requests (the plugin's
+``calibrate``):
 
 * SmoothQuant's migration: a per-input-channel factor ``f = amax_x**a / amax_w**(1-a)`` divides the activation
   and multiplies the weight's column before the weight is quantized (``smooth_alpha``, ``a``);
-* the ``outlier_channels`` input channels with the largest smoothed activations leave the int8 product and are
-  multiplied in float with the same (dequantized) weights.
+* the ``outlier_channels`` input channels with the largest smoothed activations enter the int8 product as up to
+  :data:`MAX_SPLIT` copies, each carrying a share of the value, so the row's scale follows the quieter channels.
 
-Perplexity of the default model (``tokenmill eval perplexity``, 4,096 tokens, simulated in float): int8
-weights 11.773; per-row int8 activations 12.240; smoothed (0.5) 11.886; with 8 outlier channels 11.792.
+Perplexity of the default model (``tokenmill eval perplexity``, 4,096 tokens): float32 11.7285, int8 weights
+11.8066, int8 weights and activations 11.8705 (11.8774 without split channels). Speed: a compiled batch-1 step
+at 1 thread 1.18x the weight-only int8 step; at 2 threads 0.90-0.95x (docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -57,16 +57,24 @@ def test_activations_are_rounded_per_row_with_the_loud_channels_split():
 def test_compiled_vnni_product_matches_the_float_rounding():
     import torch._inductor.config as ic
 
+    from torch._dynamo.utils import counters
+
     mod, _ = smoothed_module(64, 96)
     x = torch.randn(1, 96) * 2
     with torch.inference_mode():
         expect = mod(x)  # eager: the same rounding of x, multiplied in float
         torch._dynamo.reset()
+        counters.clear()
         with ic.patch(freezing=True):
             fn = torch.compile(mod, options={k: v for k, v in int8_act.INDUCTOR_OPTIONS.items() if k != "freezing"})
             got = fn(x)
     close = (got - expect).abs().max() / expect.abs().max()
     assert close < 1e-4, close.item()
+    # the weight reaches inductor as a plain tensor, so its FX graph cache can keep the step (a weight prepacked
+    # for oneDNN is a tensor it cannot pickle: it bypassed the cache, and every process compiled again)
+    assert not counters["inductor"]["fxgraph_cache_bypass"]
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 1
+    assert counters["inductor"]["cpp_templated_kernel_counter"] >= 1  # the VNNI product is the GEMM template's
 
 
 def test_activation_options_are_checked(tiny_llama_dir):
