@@ -79,8 +79,8 @@ class Int8Linear(QuantLinear):
                  compute_dtype: torch.dtype, kernel_max_rows: int | None = None, smooth: torch.Tensor | None = None,
                  outliers: torch.Tensor | None = None, splits: torch.Tensor | None = None) -> None:
         """``smooth`` (``[in_features]``): int8 activations (:mod:`~tokenmill.plugins.quant.int8_act`); the codes are
-        of the weight with its columns multiplied by ``smooth``, and inputs are divided by it. ``outliers``: the
-        input channels multiplied in float on that path."""
+        of the weight with its columns multiplied by ``smooth``, and inputs are divided by it. ``outliers`` (sorted)
+        and ``splits``: the loud input channels and into how many copies each enters the int8 product."""
         n, k = qweight.shape
         super().__init__(k, n, bias, compute_dtype)
         self.kp = pad_to(k, K_ALIGN)
@@ -143,12 +143,16 @@ class Int8Linear(QuantLinear):
         q = self.qweight[:, :self.in_features].index_select(dim, index).clone()
         scales = self.scales[index] if dim == 0 else self.scales
         bias = None if self.bias is None else self.bias[index] if dim == 0 else self.bias if keep_bias else None
-        smooth = outliers = None
-        if self.act is not None:  # a column share keeps its channels' divisors and float channels, renumbered
-            smooth = self.act.smooth if dim == 0 else self.act.smooth[index]
-            outliers = self.act.outliers if dim == 0 else torch.isin(index, self.act.outliers).nonzero()[:, 0]
+        smooth = outliers = splits = None
+        if self.act is not None:  # a column share keeps its channels' divisors and split channels, renumbered
+            smooth, outliers, splits = self.act.smooth, self.act.outliers, self.act.splits
+            if dim == 1:
+                smooth = smooth[index]
+                pos = torch.isin(index, outliers).nonzero()[:, 0]
+                splits = splits[torch.searchsorted(outliers, index[pos])]  # (outliers are sorted)
+                outliers = pos
         return Int8Linear(q, scales.clone(), bias, compute_dtype=self.compute_dtype,
-                          kernel_max_rows=self.kernel_max_rows, smooth=smooth, outliers=outliers)
+                          kernel_max_rows=self.kernel_max_rows, smooth=smooth, outliers=outliers, splits=splits)
 
     def portable_state(self):
         meta = {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
@@ -182,7 +186,7 @@ class Int8(QuantPlugin):
         # calibrated at build; int8_act.py)
         activations: Literal["float", "int8"] = "float"
         smooth_alpha: float = 0.5   # int8 activations: SmoothQuant's migration strength (0: none)
-        outlier_channels: int = 8   # int8 activations: input channels per layer multiplied in float
+        outlier_channels: int = 8   # int8 activations: loudest input channels per layer, split into copies
 
         def __post_init__(self) -> None:
             QuantOptions.__post_init__(self)
@@ -205,7 +209,7 @@ class Int8(QuantPlugin):
     @hookimpl
     def calibrate(self, context) -> None:
         """With ``activations: int8``: every selected decoder layer's input channel absmax over calibration text
-        (4 x 512 tokens of the text GPTQ calibrates on and a few chat requests), for the smoothing and the float
+        (4 x 512 tokens of the text GPTQ calibrates on and a few chat requests), for the smoothing and the split
         channels."""
         if self.options.activations == "int8" and not self.options.load:
             from tokenmill.plugins.quant.calibration import calibration_ids

@@ -92,7 +92,7 @@ def outlier_channels(act_amax: torch.Tensor, smooth: torch.Tensor, count: int) -
 
 class ActInt8(torch.nn.Module):
     """What one :class:`~tokenmill.plugins.quant.int8.Int8Linear` keeps for int8 activations: the smoothing
-    divisor, the float channels and the weight packed for oneDNN."""
+    divisor, the split channels and the int8 weight as the GEMM template takes it."""
 
     inductor_options = INDUCTOR_OPTIONS  # read by the model runner for its compiled step
 

@@ -54,6 +54,21 @@ def test_activations_are_rounded_per_row_with_the_loud_channels_split():
 
 
 @needs_onednn
+def test_a_column_share_keeps_its_split_channels():
+    """Tensor parallelism's column share (``take(1, ...)``): divisors, loud channels and their copy counts follow
+    the columns it keeps, renumbered."""
+    mod, _ = smoothed_module(32, 64)
+    assert mod.act.outliers.tolist() == [0, 1, 2] and mod.act.splits.tolist() != [1, 1, 1]
+    index = torch.arange(1, 40)
+    part = mod.take(1, index)
+    assert part.act.outliers.tolist() == [0, 1]  # channels 1 and 2
+    assert part.act.splits.tolist() == mod.act.splits[1:].tolist()
+    torch.testing.assert_close(part.act.smooth, mod.act.smooth[index])
+    rows = mod.take(0, torch.arange(8))
+    assert torch.equal(rows.act.outliers, mod.act.outliers) and torch.equal(rows.act.splits, mod.act.splits)
+
+
+@needs_onednn
 def test_compiled_vnni_product_matches_the_float_rounding():
     import torch._inductor.config as ic
 
