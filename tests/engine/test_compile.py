@@ -98,6 +98,22 @@ def test_compiled_decode_compiles_nothing_after_the_build(tiny_llama_dir):
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_the_build_compiles_one_graph_per_bucket(tiny_llama_dir):
+    """A compiled decode step's key length is dynamic from its first trace (the gather path marks it), so the
+    build's warm-up compiles one graph per batch bucket, not a graph for its first key length and then a dynamic
+    one at the second (default model, int8 compiled: a cached build 21.7 -> 13.6 s)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, attention="sdpa_gather",
+                                                 compile={"enabled": True, "buckets": [1, 2]},
+                                                 limits={"max_model_len": 256, "max_num_seqs": 2,
+                                                         "max_num_batched_tokens": 256}), progress=False)
+    assert counters["stats"]["unique_graphs"] - before == 2
+    out = pipe.generate(["Compile me"], SamplingParams(max_tokens=80, ignore_eos=True))  # past a padded length
+    assert len(out[0].token_ids) == 80 and counters["stats"]["unique_graphs"] - before == 2
+
+
 def test_two_compiled_runners_keep_their_own_graphs(tiny_llama_dir, tmp_path, tokenizer):
     """Each runner compiles its own copy of the forward and guards only its arguments, not the model it closes over:
     two models whose steps take the same arguments (other weights, int8 projections in the second), compiled in

@@ -99,7 +99,12 @@ class SdpaGather(AttentionBackend):
             causal = False
         dev = self.layout.device
         mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
-        return mv(tok), mv(kv_idx), mv(mask), causal, mv(out_idx), mv(out_sel)
+        kv_idx, mask = mv(kv_idx), mv(mask)
+        if kv_multiple:  # a compiled decode step: its key length is dynamic from the first trace, so one graph
+            torch._dynamo.maybe_mark_dynamic(kv_idx, 1)  # serves every length (else dynamo compiles a graph for
+            if mask is not None:                         # the first length, then a dynamic one at the next)
+                torch._dynamo.maybe_mark_dynamic(mask, 3)
+        return mv(tok), kv_idx, mask, causal, mv(out_idx), mv(out_sel)
 
     def forward(self, q, k_cache, v_cache, meta, layer: LayerAttention, out: torch.Tensor | None = None) -> torch.Tensor:
         """(``out``: the ``[N, heads * head_dim]`` result other groups of the step fill too.)"""
