@@ -181,9 +181,10 @@ class ModelRunner:
 
     def warm_up(self, max_seqs: int, *, widths: tuple[int, ...] = (1,)) -> None:
         """Run the step shapes a decode loop will meet (every batch bucket up to ``max_seqs``, each width, at the
-        context lengths the attention backend asks for and, compiled, at a second padded key length, after which
-        dynamo's graph takes any length) once now, so compiling happens at build and not inside
-        the first requests. Writes only slots that no sequence holds yet (the pool is fresh), each of which its
+        context lengths the attention backend asks for and, compiled, at a second padded key length: the gather
+        path marks the key length dynamic, so that length reuses the graph; a backend that does not would have
+        dynamo recompile there once, into a graph for any length) once now, so compiling happens at build and not
+        inside the first requests. Writes only slots that no sequence holds yet (the pool is fresh), each of which its
         owner overwrites before it is ever read."""
         sizes = [b for b in (self.decode_buckets or [1 << i for i in range(max_seqs.bit_length() + 1)])
                  if b <= max(max_seqs, 1)]
