@@ -23,7 +23,7 @@ from tokenmill.model.kernels.cpu_gemm import compiled_gemv
 from tokenmill.plugin import hookimpl
 from tokenmill.plugins.quant import int8_act
 from tokenmill.plugins.quant.base import QuantLinear, pad_to, resolve_compute_dtype
-from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin
+from tokenmill.plugins.quant.quantizer import QuantOptions, QuantPlugin, is_head
 
 DEFAULT_KERNEL_MAX_ROWS = 8
 K_ALIGN = 32  # _weight_int8pack_mm needs rows of a multiple of 32 int8 values
@@ -203,7 +203,7 @@ class Int8(QuantPlugin):
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
-        # int8 activations: input channels' absmax by the weight's storage (a tied embedding shares its head's)
+        # int8 activations: each calibrated layer's input channel absmax, by its weight's storage
         self._act_amax: dict[int, torch.Tensor] = {}
 
     @hookimpl
@@ -217,7 +217,7 @@ class Int8(QuantPlugin):
             # the LM head reads float activations: rounding them per row flipped the default model's first
             # answer token ("What is the capital of France?" -> "L'Etoile, ..." where float says "The capital ...")
             mods = {n: m for n, m in context.model.named_modules() if isinstance(m, torch.nn.Linear)
-                    and self.wants(n, m) and not (n == "lm_head" or n.endswith(".lm_head"))}
+                    and self.wants(n, m) and not is_head(n)}
             samples = int8_act.calibration_samples(context.tokenizer, calibration_ids(context.tokenizer, 4, 512))
             amax = int8_act.activation_absmax(context.model, list(mods), samples)
             self._act_amax = {mods[n].weight.data_ptr(): a for n, a in amax.items()}

@@ -17,6 +17,11 @@ from tokenmill.plugins.quant.base import (ComputeDType, QuantizedEmbedding, Quan
                                          resolve_compute_dtype)
 
 
+def is_head(name: str) -> bool:
+    """Whether the qualified layer name is the output projection (``lm_head``, also under a wrapper module)."""
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
 @dataclass(slots=True)
 class QuantOptions:
     """Options every quantizer takes (the YAML mapping under ``int8:``, ``int4:`` or ``nf4:``)."""
@@ -85,7 +90,7 @@ class QuantPlugin(Plugin):
                 return False
         elif not isinstance(module, torch.nn.Linear):
             return False
-        elif name == "lm_head" or name.endswith(".lm_head"):
+        elif is_head(name):
             if not opts.lm_head:
                 return False
         return (any(fnmatch.fnmatchcase(name, p) for p in opts.include)
@@ -153,7 +158,7 @@ class QuantPlugin(Plugin):
         if not self.options.gptq or not isinstance(module, torch.nn.Linear):
             return None
         if self._prepared is None:
-            if self.wants(name, module) and not (name == "lm_head" or name.endswith(".lm_head")):
+            if self.wants(name, module) and not is_head(name):
                 from tokenmill.errors import PipelineError
 
                 raise PipelineError(f"'{self.name}' with gptq needs its calibration pass over the whole model "
@@ -202,7 +207,7 @@ class QuantPlugin(Plugin):
         if q is None:
             bias = module.bias if isinstance(module, torch.nn.Linear) else None
             bias = None if bias is None else bias.detach()
-            head = isinstance(module, torch.nn.Embedding) or name == "lm_head" or name.endswith(".lm_head")
+            head = isinstance(module, torch.nn.Embedding) or is_head(name)
             with torch.no_grad():
                 if head and self.options.lm_head_int8_rows and self.name != "int8":
                     q = self._split_head(weight.detach(), bias)
