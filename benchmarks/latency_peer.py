@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, hf_generate_greedy, machine, run_child, write, write_child_result  # noqa: E402
 
 PROMPT = "Write a short essay about the history of the printing press and its effect on science."
-TOKENMILL_ROWS = [  # (bits, label, pipeline, dtype override)
-    ("fp32", "tokenmill fp32", "pipelines/default.yaml", None),
-    ("bf16", "tokenmill bf16", "pipelines/default.yaml", "bfloat16"),
-    ("8-bit", "tokenmill int8", "pipelines/int8.yaml", None),
-    ("8-bit", "tokenmill int8 W8A8", "pipelines/int8-a8.yaml", None),
-    ("4-bit", "tokenmill int4", "pipelines/int4.yaml", None),
-    ("4-bit", "tokenmill gguf Q4_1", "pipelines/gguf.yaml", None),
+TOKENMILL_ROWS = [  # (bits, label, pipeline, dtype override, eager row too)
+    ("fp32", "tokenmill fp32", "pipelines/default.yaml", None, True),
+    ("bf16", "tokenmill bf16", "pipelines/default.yaml", "bfloat16", True),
+    ("8-bit", "tokenmill int8", "pipelines/int8.yaml", None, True),
+    ("8-bit", "tokenmill int8 W8A8", "pipelines/int8-a8.yaml", None, False),  # integer products only compiled
+    ("4-bit", "tokenmill int4", "pipelines/int4.yaml", None, True),
+    ("4-bit", "tokenmill gguf Q4_1", "pipelines/gguf.yaml", None, True),
 ]
 PEER_ROWS = [("fp32", "F32"), ("bf16", "BF16"), ("8-bit", "Q8_0"), ("4-bit", "Q4_0"), ("4-bit", "Q4_1")]
 
@@ -174,10 +174,10 @@ def main(args) -> None:
     rows = []
     for t in threads:
         plan = [dict(common, engine="tokenmill", bits=b, label=lab, pipeline=p, dtype=d, threads=t)
-                for b, lab, p, d in ours if not p.endswith("-a8.yaml")]  # W8A8 exists only in a compiled step
+                for b, lab, p, d, eager in ours if eager]
         if args.compile:
             plan += [dict(common, engine="tokenmill", bits=b, label=lab + " compiled", pipeline=p, dtype=d, threads=t,
-                          compile=True) for b, lab, p, d in ours]
+                          compile=True) for b, lab, p, d, _ in ours]
         plan += [dict(common, engine="llama.cpp", bits=b, label=f"llama.cpp {k}", gguf=str(ggufs[k]), threads=t)
                  for b, k in PEER_ROWS if bits is None or b in bits]
         for cfg in plan:
