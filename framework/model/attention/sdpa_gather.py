@@ -43,10 +43,12 @@ def key_slots(batch: ForwardBatch, members: list[int], l_max: int, kv_multiple: 
     multiple of ``kv_multiple`` (0: not rounded); positions past a block table's end read its last block."""
     if kv_multiple:
         l_max = -(-l_max // kv_multiple) * kv_multiple
-    bs = batch.block_size
-    rows = batch.block_tables[members]
-    k = torch.arange(l_max)
-    return rows[:, (k // bs).clamp(max=rows.shape[1] - 1)] * bs + (k % bs)
+    bs, nb = batch.block_size, -(-l_max // batch.block_size)
+    rows = batch.block_tables if len(members) == batch.num_seqs else batch.block_tables[members]
+    if rows.shape[1] < nb:
+        rows = torch.cat([rows, rows[:, -1:].expand(-1, nb - rows.shape[1])], dim=1)
+    keys = (rows[:, :nb, None] * bs + torch.arange(bs)).view(rows.shape[0], nb * bs)
+    return keys if nb * bs == l_max else keys[:, :l_max].contiguous()
 
 
 def place_rows(out: torch.Tensor | None, o: torch.Tensor, out_idx: torch.Tensor, out_sel: torch.Tensor,
@@ -73,6 +75,8 @@ class SdpaGather(AttentionBackend):
         # static-ish shapes for compiled decode: keys padded to kv_multiple, always an explicit mask
         kv_multiple = self.layout.kv_multiple if batch.decode_padded else 0
         kv_idx = key_slots(batch, members, max(s + n for s, n in zip(starts, counts)), kv_multiple)
+        if t_max == 1:  # decodes: one query row each (no padded rows, no tree), the fewest small ops
+            return self._decodes(batch, members, window, kv_idx, kv_multiple)
         start, count = torch.tensor(starts), torch.tensor(counts)
         t, k = torch.arange(t_max), torch.arange(kv_idx.shape[1])
         tok, out_idx, out_sel = group_rows(batch, members, t_max)
@@ -97,12 +101,38 @@ class SdpaGather(AttentionBackend):
             mask |= pad[:, :, None] & (k == 0)[None, None, :]
             mask = mask[:, None]
             causal = False
+        return self._moved(tok, kv_idx, mask, causal, out_idx, out_sel, kv_multiple)
+
+    def _decodes(self, batch: ForwardBatch, members: list[int], window: int | None, kv_idx: torch.Tensor,
+                 kv_multiple: int) -> tuple:
+        """:meth:`_group` for one query row per sequence: the query at position ``start`` sees keys ``<= start``
+        (and ``> start - window``)."""
+        starts = [batch.starts[i] for i in members]
+        tok = torch.tensor([[batch.offsets[i]] for i in members])
+        out_idx = out_sel = None
+        if len(members) != batch.num_seqs:
+            out_idx, out_sel = tok.reshape(-1), torch.arange(len(members))
+        mask = None
+        if window is not None or kv_multiple:
+            k, qpos = torch.arange(kv_idx.shape[1]), torch.tensor(starts)[:, None]
+            mask = k <= qpos
+            if window is not None:
+                mask &= k > qpos - window
+            mask = mask[:, None, None]
+        elif len(members) > 1 and min(starts) != max(starts):
+            mask = (torch.arange(kv_idx.shape[1]) <= torch.tensor(starts)[:, None])[:, None, None]
+        return self._moved(tok, kv_idx, mask, False, out_idx, out_sel, kv_multiple)
+
+    def _moved(self, tok, kv_idx, mask, causal, out_idx, out_sel, kv_multiple) -> tuple:
+        """A group's metadata on the pool's device; a compiled decode step's key length marked dynamic, so the first
+        trace is the graph for every length (else dynamo compiles a graph for the first length, then a dynamic one
+        at the next)."""
         dev = self.layout.device
         mv = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731
         kv_idx, mask = mv(kv_idx), mv(mask)
-        if kv_multiple:  # a compiled decode step: its key length is dynamic from the first trace, so one graph
-            torch._dynamo.maybe_mark_dynamic(kv_idx, 1)  # serves every length (else dynamo compiles a graph for
-            if mask is not None:                         # the first length, then a dynamic one at the next)
+        if kv_multiple:
+            torch._dynamo.maybe_mark_dynamic(kv_idx, 1)
+            if mask is not None:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)
         return mv(tok), kv_idx, mask, causal, mv(out_idx), mv(out_sel)
 
