@@ -28,7 +28,8 @@ class Sampler(Plugin):
                 else:
                     out.append(verify_drafts(rows, d, seq.params, seq.seed, seq.num_tokens))
             return out
-        rows = batch.logits[batch.row_start]
+        logits = batch.logits  # no drafts: one row per sequence, in order
+        rows = logits if logits.shape[0] == len(batch.seqs) else logits[batch.row_start]
         seqs = batch.seqs
         tokens = sample_next(rows, [s.params for s in seqs], [s.seed for s in seqs], [s.num_tokens for s in seqs])
         return [[t] for t in tokens]

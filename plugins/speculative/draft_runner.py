@@ -20,7 +20,7 @@ import torch
 from tokenmill.hooktypes import KVHandle, KVPool
 from tokenmill.speculation import Draft
 from tokenmill.model import ModelRunner
-from tokenmill.sampling import draw, filtered_probs
+from tokenmill.sampling import draw, filtered_probs, greedy_tokens
 from tokenmill.sequence import Sequence
 from tokenmill.spec import CompileSpec
 
@@ -141,10 +141,11 @@ class DraftModelRunner:
         for step in range(k):
             logits = self._forward(items)
             items = []
+            best = greedy_tokens(logits) if any(seq.params.greedy for seq in active) else None
             for row, seq in enumerate(active):
                 params = seq.params
                 if params.greedy:
-                    tok = int(logits[row].argmax())
+                    tok = best[row]
                 else:  # the noise the target's draw at this position uses: accepted when the two agree
                     tok = draw(filtered_probs(logits[row], params), seq.seed, seq.num_tokens + step)
                 drafts[seq.seq_id].append(tok)
