@@ -112,15 +112,13 @@ class SdpaGather(AttentionBackend):
         out_idx = out_sel = None
         if len(members) != batch.num_seqs:
             out_idx, out_sel = tok.reshape(-1), torch.arange(len(members))
-        mask = None
-        if window is not None or kv_multiple:
+        mask = None  # every key when all sequences are as long and nothing pads or slides
+        if window is not None or kv_multiple or min(starts) != max(starts):
             k, qpos = torch.arange(kv_idx.shape[1]), torch.tensor(starts)[:, None]
             mask = k <= qpos
             if window is not None:
                 mask &= k > qpos - window
             mask = mask[:, None, None]
-        elif len(members) > 1 and min(starts) != max(starts):
-            mask = (torch.arange(kv_idx.shape[1]) <= torch.tensor(starts)[:, None])[:, None, None]
         return self._moved(tok, kv_idx, mask, False, out_idx, out_sel, kv_multiple)
 
     def _moved(self, tok, kv_idx, mask, causal, out_idx, out_sel, kv_multiple) -> tuple:
