@@ -131,3 +131,24 @@ def test_two_compiled_runners_keep_their_own_graphs(tiny_llama_dir, tmp_path, to
              for d, plugins in models]
     for _ in range(2):
         assert [p.generate(["Two models"], params)[0].token_ids for p in pipes] == eager
+
+
+def test_compiled_step_holds_the_weights_instead_of_taking_them_as_inputs(tiny_llama_dir):
+    """The runner traces with dynamo's ``install_free_tensors``: the weights become attributes of the graph, so the
+    code run before each call does not gather every weight from the modules. The graph's inputs are the step's
+    own (tokens, positions, slots, logit rows, attention metadata, the KV pool), whatever the model's size."""
+    from torch._dynamo import register_backend
+
+    seen = []
+
+    @register_backend(name="tokenmill_test_inputs")
+    def record_inputs(gm, example_inputs):
+        seen.append([x.data_ptr() for x in example_inputs if isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    pipe = Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, compile={"enabled": True, "buckets": [1],
+                                                                         "backend": "tokenmill_test_inputs"}),
+                              progress=False)
+    pipe.generate(["Compile me"], SamplingParams(max_tokens=4, ignore_eos=True))
+    weights = {p.data_ptr() for p in pipe.runner.model.parameters()}
+    assert seen and all(inputs and not weights & set(inputs) for inputs in seen)

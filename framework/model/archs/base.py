@@ -121,7 +121,12 @@ class Linear:
             sizes.append(n)
             start += n
         self.weights.append(w)
-        return lambda x: self(x, w, b).split(sizes, dim=-1)
+        # held by a module, so a compiled step traced with install_free_tensors keeps it as an attribute of the
+        # graph (a plain tensor in the closure would be gathered as an input before every call)
+        held = torch.nn.Module()
+        held.register_buffer("weight", w, persistent=False)
+        held.register_buffer("bias", b, persistent=False)
+        return lambda x: self(x, held.weight, held.bias).split(sizes, dim=-1)
 
     def split(self, mod, sizes: list[int]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
         """A projection already fused in the checkpoint (Phi-3's ``qkv_proj``), split into ``sizes``."""
