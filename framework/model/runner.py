@@ -88,12 +88,13 @@ class _TraceFlags:
     every compiled call (any call may trace: a new shape) and restores them after; set and restored directly
     (~4 us a call, where ``config.patch`` costs ~25).
 
-    * dynamo's ``install_free_tensors``, for static-shape graphs: the runner's weights become attributes of the
-      graph instead of inputs that the code dynamo generates before each call gathers from the modules (~0.3 ms a
-      step for the default model's 550 tensors; int8 batch 1 at 2 threads, one process, 60 alternating blocks of
-      10 calls: 9.85 -> 9.39 ms a step, same tokens). Not for dynamic-shape graphs: with it the compiled
-      ``self_int8`` draft (dynamic shapes) computed wrong logits (max difference 3.55 against its eager step on a
-      tiny model) while the same draft compiled with static shapes matched; the cause was not found.
+    * dynamo's ``install_free_tensors``, unless the runner compiles with ``dynamic: true``: the runner's weights
+      become attributes of the graph instead of inputs that the code dynamo generates before each call gathers
+      from the modules (~0.3 ms a step for the default model's 550 tensors; int8 batch 1 at 2 threads, one
+      process, 60 alternating blocks of 10 calls: 9.85 -> 9.39 ms a step, same tokens). With it, the compiled
+      ``self_int8`` draft, which compiles with ``dynamic: true``, computed wrong logits (max difference 3.55
+      against its eager step on a tiny model) while the same draft compiled without matched (the target's graphs,
+      whose key length is marked dynamic, match too); the cause was not found.
     * inductor's ``freezing``, where a module asks for it (:func:`_module_options`): the weights become
       constants of the graph (``torch.is_grad_enabled()`` is off here, which freezing also needs)."""
 
