@@ -76,7 +76,7 @@ class SdpaGather(AttentionBackend):
         kv_multiple = self.layout.kv_multiple if batch.decode_padded else 0
         kv_idx = key_slots(batch, members, max(s + n for s, n in zip(starts, counts)), kv_multiple)
         if t_max == 1:  # decodes: one query row each (no padded rows, no tree), the fewest small ops
-            return self._decodes(batch, members, window, kv_idx, kv_multiple)
+            return self._decodes(batch, members, starts, window, kv_idx, kv_multiple)
         start, count = torch.tensor(starts), torch.tensor(counts)
         t, k = torch.arange(t_max), torch.arange(kv_idx.shape[1])
         tok, out_idx, out_sel = group_rows(batch, members, t_max)
@@ -103,11 +103,10 @@ class SdpaGather(AttentionBackend):
             causal = False
         return self._moved(tok, kv_idx, mask, causal, out_idx, out_sel, kv_multiple)
 
-    def _decodes(self, batch: ForwardBatch, members: list[int], window: int | None, kv_idx: torch.Tensor,
-                 kv_multiple: int) -> tuple:
+    def _decodes(self, batch: ForwardBatch, members: list[int], starts: list[int], window: int | None,
+                 kv_idx: torch.Tensor, kv_multiple: int) -> tuple:
         """:meth:`_group` for one query row per sequence: the query at position ``start`` sees keys ``<= start``
         (and ``> start - window``)."""
-        starts = [batch.starts[i] for i in members]
         tok = torch.tensor([[batch.offsets[i]] for i in members])
         out_idx = out_sel = None
         if len(members) != batch.num_seqs:
