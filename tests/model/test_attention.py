@@ -148,7 +148,7 @@ def test_third_party_backend_through_entry_point(tiny_llama_dir, monkeypatch):
 
 def test_decode_attention_equals_sdpa():
     """The compiled batch-1 decode's attention (a fused score reduction, then a matmul with the values) gives SDPA's
-    result, grouped query heads and a padded key mask included."""
+    result, grouped query heads and a padded key mask included, in float32 and bf16."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 6, 1, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g),
                torch.randn(1, 2, 40, 16, generator=g))
@@ -156,6 +156,12 @@ def test_decode_attention_equals_sdpa():
     for m in (None, mask):
         torch.testing.assert_close(decode_attention(q, k, v, m, 0.25),
                                    F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True))
+        # bf16 inputs: the product with the values runs in float32, the result comes back in bf16
+        half = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m, 0.25)
+        assert half.dtype == torch.bfloat16
+        ref = F.scaled_dot_product_attention(*(t.bfloat16().float() for t in (q, k, v)), attn_mask=m, scale=0.25,
+                                             enable_gqa=True)
+        torch.testing.assert_close(half.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_whole_prompts_run_causal_without_a_mask():
