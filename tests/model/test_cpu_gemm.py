@@ -118,6 +118,13 @@ def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
         torch.testing.assert_close(fn(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()).float(),
                                    rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(fn(x, codes), F.linear(x, codes.float()), rtol=1e-5, atol=1e-4)
+        # bf16 read as int32 pairs: exact products of the bf16 weights, summed in float32
+        wb = w.bfloat16()
+        torch.testing.assert_close(fn(x, wb), F.linear(x, wb.float()), rtol=1e-5, atol=1e-4)
+        sliced = wb[:, 2:]  # not contiguous: the widening path
+        torch.testing.assert_close(fn(x[:, 2:], sliced), F.linear(x[:, 2:], sliced.float()), rtol=1e-5, atol=1e-4)
+        odd = torch.randn(48, 63, generator=g).bfloat16()  # an odd row length takes the widening path
+        torch.testing.assert_close(fn(x[:, :63], odd), F.linear(x[:, :63], odd.float()), rtol=1e-5, atol=1e-4)
 
 
 def test_packed_weights_give_the_plain_weights_values():
