@@ -112,7 +112,8 @@ def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
     w, x = torch.randn(48, 64, generator=g), torch.randn(1, 64, generator=g)
     assert compiled_gemv(x, w) is None and compiled_gemv(torch.randn(2, 64), w) is None
     codes = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
-    fn = torch.compile(lambda x, w: compiled_gemv(x, w), dynamic=False, fullgraph=True)
+    fn = torch.compile(lambda x, w: compiled_gemv(x, w, bf16_pairs=True), dynamic=False, fullgraph=True)
+    widen = torch.compile(lambda x, w: compiled_gemv(x, w), dynamic=False, fullgraph=True)
     with torch.inference_mode():
         torch.testing.assert_close(fn(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fn(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()).float(),
@@ -121,6 +122,7 @@ def test_compiled_gemv_is_the_one_row_path_of_a_compiled_step_only():
         # bf16 read as int32 pairs: exact products of the bf16 weights, summed in float32
         wb = w.bfloat16()
         torch.testing.assert_close(fn(x, wb), F.linear(x, wb.float()), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(widen(x, wb), F.linear(x, wb.float()), rtol=1e-5, atol=1e-4)
         sliced = wb[:, 2:]  # not contiguous: the widening path
         torch.testing.assert_close(fn(x[:, 2:], sliced), F.linear(x[:, 2:], sliced.float()), rtol=1e-5, atol=1e-4)
         odd = torch.randn(48, 63, generator=g).bfloat16()  # an odd row length takes the widening path
@@ -171,3 +173,18 @@ def test_packed_pipeline_matches_hf_and_reports_its_bytes(tiny_llama_dir):
     assert Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir), progress=False).info()["packed_weight_bytes"] == 0
     with pytest.raises(PipelineError, match="'cpu_gemm' must be auto | packed; got 'fast'"):
         Pipeline.from_dict(tiny_pipeline_dict(tiny_llama_dir, cpu_gemm="fast"), progress=False)
+
+
+def test_bf16_pairs_are_asked_for_on_one_thread_only():
+    """The model layer reads bf16 weights as int32 pairs where that was measured to pay (a step built to run on one
+    thread; at two the weights stream at the memory's rate either way and the split inputs cost more)."""
+    from tokenmill.model.archs.base import Linear
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert Linear(False).bf16_pairs
+        torch.set_num_threads(2)
+        assert not Linear(False).bf16_pairs
+    finally:
+        torch.set_num_threads(before)

@@ -65,6 +65,9 @@ class Linear:
         self.fuse_quantized = fuse_quantized  # offer quantized siblings to their class's fuse()
         self.weights: list[torch.Tensor] = []  # the weight of each projection applied through __call__
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy in oneDNN's layout (weights holds it)
+        # bf16 weights read as int32 pairs in a compiled one-row step: measured to pay at one thread only
+        # (cpu_gemm module docstring); the thread count at build is the one the pipeline runs with
+        self.bf16_pairs = torch.get_num_threads() == 1
 
     @property
     def plain(self) -> int:
@@ -82,7 +85,7 @@ class Linear:
         return sum(p.numel() * p.element_size() for p in self.packed.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = compiled_gemv(x, weight)
+        out = compiled_gemv(x, weight, bf16_pairs=self.bf16_pairs)
         if out is not None:
             out = out.to(x.dtype)
             return out if bias is None else out + bias

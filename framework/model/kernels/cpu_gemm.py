@@ -40,8 +40,10 @@ A bf16 weight is read as int32 words holding two weights each: masking off a wor
 as a float32, shifting the word up 16 bits gives the low one, both in-lane integer ops, where widening bf16 to
 float32 (a zero-extension across the vector, then a shift) costs Zen 4 two double-pumped ops per 16 weights. The
 input is split into its even and odd elements once per projection. Default model bf16, bare compiled steps in one
-process (AMD EPYC): 17.65 -> 14.70 ms at 1 thread, 11.08 -> 11.09 ms at 2 (where the weights stream at the memory's
-rate either way).
+process (AMD EPYC): 17.65 -> 14.70 ms at 1 thread; at 2 threads, where the weights stream at the memory's rate
+either way, 10.90 -> 11.21 ms and 80.1 -> 73.7 tok/s in requests (the split inputs add ~90 kernels to the step and
+~0.7 ms to its Python wrapper), so the model layer asks for it (``bf16_pairs``) only when it is built to run on
+one thread.
 """
 from __future__ import annotations
 
@@ -114,17 +116,17 @@ class CpuLinear:
         return F.linear(x, weight, bias)
 
 
-def compiled_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def compiled_gemv(x: torch.Tensor, weight: torch.Tensor, *, bf16_pairs: bool = False) -> torch.Tensor | None:
     """``x @ weight.T`` in float32 for one row on CPU while torch.compile traces (module docstring); None elsewhere,
     where the caller's own kernel is the faster one. ``weight`` may be float, bf16 or int8 codes (the caller
-    applies their scales to the result)."""
+    applies their scales to the result). ``bf16_pairs``: read a bf16 weight as int32 pairs (module docstring)."""
     if x.shape[0] != 1 or x.device.type != "cpu" or not torch.compiler.is_compiling():
         return None
     if weight.dtype == torch.int8 and torch._inductor.config.freezing:
         # frozen, an int8 -> float32 convert of a weight is constant-folded into a float32 copy (the default model's
         # int8 head: 4.3 ms a step instead of 2.2); inductor keeps int8 -> bfloat16 (exact for int8) in the loop
         weight = weight.to(torch.bfloat16)
-    if _bf16_pairs(weight):
+    if bf16_pairs and _bf16_pairs(weight):
         # two bf16 weights read as one int32 word: the high one is a float32 once the low half is masked off, the low
         # one once shifted up 16 bits; two in-lane ops per 32 weights where widening converts take four (module
         # docstring). The input is split into its even and odd elements to match.
