@@ -42,8 +42,8 @@ float32 (a zero-extension across the vector, then a shift) costs Zen 4 two doubl
 input is split into its even and odd elements once per projection. Default model bf16, bare compiled steps in one
 process (AMD EPYC): 17.65 -> 14.70 ms at 1 thread; at 2 threads, where the weights stream at the memory's rate
 either way, 10.90 -> 11.21 ms and 80.1 -> 73.7 tok/s in requests (each layer's kernel splits in three, ~60 more
-kernel calls and 121 dtype views: ~0.9 ms more of the wrapper's Python), so the model layer asks for it (``bf16_pairs``) only when it is built to run on
-one thread.
+kernel calls and 121 dtype views: ~0.9 ms more of the wrapper's Python), so the model layer asks for it
+(``bf16_pairs``) only when it is built to run on one thread.
 """
 from __future__ import annotations
 
